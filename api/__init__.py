@@ -1,0 +1,1 @@
+"""HTTP and WebSocket surfaces: thin adapters over the chat service."""

@@ -1,0 +1,78 @@
+"""One error shape for every surface, made by one mapper from exceptions."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine import EngineError, PromptTooLongError
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error with its HTTP status, reported as {"error": {...}}."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def from_validation_error(exc: ValidationError | RequestValidationError) -> APIError:
+    """The first failing field, named as a dotted path, with pydantic's reason."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    param = ".".join(loc) or None
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    message = f"{param}: {msg}" if param else msg
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """Map anything a handler can raise to status + body."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, (ValidationError, RequestValidationError)):
+        return from_validation_error(exc)
+    if isinstance(exc, PromptTooLongError):
+        return APIError(400, str(exc), param="prompt", code="context_length_exceeded")
+    if isinstance(exc, EngineError):
+        return APIError(500, str(exc), type_="server_error")
+    log.exception("unexpected error", exc_info=exc)
+    return APIError(500, "internal error: the request could not be completed", type_="server_error")
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    err = to_api_error(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def handle(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+    async def handle_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(APIError(exc.status_code, str(exc.detail), type_="http_error"))
+
+    app.add_exception_handler(APIError, handle)
+    app.add_exception_handler(RequestValidationError, handle)
+    app.add_exception_handler(ValidationError, handle)
+    app.add_exception_handler(EngineError, handle)
+    app.add_exception_handler(StarletteHTTPException, handle_http)

@@ -1,0 +1,94 @@
+"""Request schemas: every field check the EAS protocol needs lives here."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from chat import ChatRequest
+from engine import SamplingParams
+
+
+def _lenient_bool(value):
+    """EAS clients send Python's str(True): accept 'True'/'true'/'false' as well as JSON booleans."""
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ValueError("must be a boolean (true/false)")
+    if isinstance(value, bool):
+        return value
+    raise ValueError("must be a boolean (true/false)")
+
+
+LenientBool = Annotated[bool, BeforeValidator(_lenient_bool)]
+
+
+class EASChatRequest(BaseModel):
+    """The EAS ChatLLM request body (POST / and WebSocket frames)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    prompt: str = ""
+    system_prompt: str = ""
+    history: list[tuple[str, str]] = Field(default_factory=list)
+    max_new_tokens: int = Field(2048, ge=1)
+    use_stream_chat: Optional[LenientBool] = None
+    temperature: float = Field(0.95, ge=0.0)
+    top_k: int = Field(30, ge=0)
+    top_p: float = Field(0.8, gt=0.0, le=1.0)
+    do_sample: LenientBool = True
+    use_cache: LenientBool = True
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    stop: Optional[Union[str, list[str]]] = None
+    stop_sequences: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    langchain: LenientBool = False
+    kb: str = Field("default", min_length=1, max_length=100)
+    top_k_docs: int = Field(3, ge=1, le=50)
+
+    @field_validator("history", mode="before")
+    @classmethod
+    def _history_pairs(cls, value):
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ValueError("must be a list of [user, assistant] pairs")
+        for i, pair in enumerate(value):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"item {i} must be a [user, assistant] pair")
+            if not all(isinstance(s, str) for s in pair):
+                raise ValueError(f"item {i} must hold two strings")
+        return value
+
+    def stop_strings(self) -> tuple[str, ...]:
+        out: list[str] = []
+        for value in (self.stop, self.stop_sequences):
+            if isinstance(value, str):
+                out.append(value)
+            elif value:
+                out.extend(value)
+        return tuple(s for s in out if s)
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            do_sample=self.do_sample,
+            repetition_penalty=self.repetition_penalty,
+            stop=self.stop_strings(),
+            seed=self.seed,
+        )
+
+    def to_chat_request(self, system_prompt: Optional[str] = None, history=None) -> ChatRequest:
+        return ChatRequest(
+            prompt=self.prompt,
+            system_prompt=self.system_prompt if system_prompt is None else system_prompt,
+            history=[tuple(p) for p in (self.history if history is None else history)],
+            params=self.sampling_params(),
+        )

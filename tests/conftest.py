@@ -1,0 +1,113 @@
+"""Shared fixtures: one engine for the whole session, live servers on real ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach for a model hub
+
+from api.app import build_app  # noqa: E402
+from api.config import ServerConfig  # noqa: E402
+from chat import ChatService  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.factory import build_engine  # noqa: E402
+
+TOKEN = "test-token-7f3a"
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    url: str
+    ws_url: str
+    token: Optional[str]
+    app: object
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": self.token} if self.token else {}
+
+
+class _ServerThread:
+    """uvicorn on its own thread and event loop, as in production but in-process."""
+
+    def __init__(self, app, port: int, ws_max_size: int) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=ws_max_size)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def engine():
+    built = build_engine(EngineConfig())
+    yield built
+    built.shutdown()
+
+
+@pytest.fixture(scope="session")
+def chat_service(engine) -> ChatService:
+    return ChatService(engine)
+
+
+def _serve(chat_service, token: Optional[str], **settings) -> Iterator[LiveServer]:
+    config = ServerConfig(token=token, **settings)
+    app = build_app(config, chat_service)
+    port = free_port()
+    with _ServerThread(app, port, config.max_request_bytes):
+        yield LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/", token, app)
+
+
+@pytest.fixture(scope="session")
+def server(chat_service) -> Iterator[LiveServer]:
+    """An open server (no token), as `make run` starts it."""
+    yield from _serve(chat_service, None)
+
+
+@pytest.fixture(scope="session")
+def secured_server(chat_service) -> Iterator[LiveServer]:
+    """The same engine behind --token."""
+    yield from _serve(chat_service, TOKEN)
+
+
+@pytest.fixture
+def client(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS

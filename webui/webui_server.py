@@ -1,0 +1,79 @@
+"""Start ChatLLM-WebUI: the WebUI and every API on one port, over one model.
+
+    python webui/webui_server.py --port=8000 --model-path=Qwen/Qwen2-7B-Instruct
+
+Runs from a checkout without installing: the repository root is put on the path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from api.config import TOKEN_ENV, ServerConfig  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from webui.cli import add_flags, from_args, non_defaults  # noqa: E402
+
+log = logging.getLogger("chatllm")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[ServerConfig, EngineConfig]:
+    parser = argparse.ArgumentParser(
+        prog="webui_server.py",
+        description="ChatLLM-WebUI: a Gradio WebUI, the EAS ChatLLM HTTP/WebSocket API and an "
+        "OpenAI-compatible API on one port, over one shared model runner.",
+        epilog=f"The token can also come from the environment variable {TOKEN_ENV}.",
+    )
+    add_flags(parser, ServerConfig, "server")
+    add_flags(parser, EngineConfig, "model")
+    args = parser.parse_args(argv)
+    return from_args(ServerConfig, args), from_args(EngineConfig, args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    server_config, engine_config = parse_args(argv)
+    logging.basicConfig(
+        level=server_config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    changed = {**non_defaults(server_config), **non_defaults(engine_config)}
+    log.info("settings: %s", changed or "all defaults")
+
+    from chat import ChatService
+    from engine import ModelLoadError
+    from engine.factory import build_engine
+
+    try:
+        engine = build_engine(engine_config)
+    except (ModelLoadError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from api.app import build_app
+
+    app = build_app(server_config, ChatService(engine))
+    if not server_config.token:
+        log.warning("no --token set: the API is open to anyone who can reach %s:%d", server_config.host, server_config.port)
+    print(f"ChatLLM-WebUI serving {engine.model_name} at http://{server_config.host}:{server_config.port}", flush=True)
+    uvicorn.run(
+        app,
+        host=server_config.host,
+        port=server_config.port,
+        log_level=server_config.log_level,
+        ws_max_size=server_config.max_request_bytes,
+    )
+    engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
