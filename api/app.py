@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import HTMLResponse
 
-from api import eas_http, eas_ws, health
+from api import eas_http, eas_ws, health, knowledge_api
 from api.config import ServerConfig
 from api.errors import install_error_handlers
 from chat import ChatService
+
+if TYPE_CHECKING:
+    from knowledge.service import KnowledgeService
 
 #: a part adds itself to the app (a router, a mounted UI); later issues plug in here
 AppPart = Callable[[FastAPI], None]
@@ -19,7 +22,7 @@ AppPart = Callable[[FastAPI], None]
 def build_app(
     settings: ServerConfig,
     chat: ChatService,
-    knowledge: Optional[object] = None,
+    knowledge: Optional["KnowledgeService"] = None,
     ui: Optional[AppPart] = None,
     extra_routers: Iterable[APIRouter] = (),
 ) -> FastAPI:
@@ -32,6 +35,7 @@ def build_app(
     app.state.knowledge = knowledge
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(knowledge_api.router)
     for router in extra_routers:
         app.include_router(router)
     # POST / and the WebSocket at / come before any UI mounted at /, so they win

@@ -69,4 +69,6 @@ def reply_object(event: ChatEvent, request: EASChatRequest, history: Optional[Se
     if event.done:
         body["usage"] = event.usage.as_dict()
         body["finish_reason"] = event.finish_reason
+        if event.sources is not None:
+            body["sources"] = event.sources
     return body

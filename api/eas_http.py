@@ -19,7 +19,7 @@ from api.auth import require_token
 from api.body import read_limited_body
 from api.disconnect import ClientGone, unless_disconnected
 from api.eas_codec import parse_body, reply_object, require_prompt, validate
-from api.errors import APIError, error_response, to_api_error
+from api.errors import error_response, to_api_error
 from chat import ChatService
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,6 @@ async def eas_chat(request: Request) -> Response:
     raw = await read_limited_body(request, settings.max_request_bytes)
     req = validate(parse_body(raw, request.headers.get("content-type")))
     require_prompt(req)
-    if req.langchain:
-        raise APIError(400, "langchain: this server has no knowledge base configured", param="langchain")
     request_id = f"eas-{uuid.uuid4().hex}"
     chat_request = req.to_chat_request()
     if not req.use_stream_chat:

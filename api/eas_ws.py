@@ -98,17 +98,18 @@ async def _answer(websocket: WebSocket, chat: ChatService, conversation: Convers
         conversation.system_prompt = req.system_prompt
     if not req.prompt.strip():
         return  # a settings-only frame: answered with <EOS> alone
-    if req.langchain:
-        raise APIError(400, "langchain: this server has no knowledge base configured", param="langchain")
     chat_request = req.to_chat_request(system_prompt=conversation.system_prompt, history=conversation.history)
     stream = req.use_stream_chat is not False  # streaming is the WebSocket default
-    answer = ""
+    answer, sources = "", None
     events = chat.stream(chat_request, f"ws-{uuid.uuid4().hex}")
     async with contextlib.aclosing(events):
         async for event in events:
-            answer = event.text
+            answer, sources = event.text, event.sources
             if stream and event.delta:
                 await websocket.send_text(answer)
     if not stream:
         await websocket.send_text(answer)
+    if sources is not None:
+        # grounded answers name their sources in one JSON frame before <EOS>
+        await websocket.send_text(json.dumps({"sources": sources}, ensure_ascii=False))
     conversation.history.append((req.prompt, answer))

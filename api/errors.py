@@ -11,7 +11,16 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from chat import KnowledgeUnavailableError
 from engine import EngineError, PromptTooLongError
+from knowledge.loaders import LoaderError
+from knowledge.names import NameError_
+from knowledge.store import (
+    EmbeddingMismatchError,
+    EmptyKnowledgeBaseError,
+    KnowledgeBaseError,
+    UnknownKnowledgeBaseError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,18 @@ def to_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, (ValidationError, RequestValidationError)):
         return from_validation_error(exc)
+    if isinstance(exc, KnowledgeUnavailableError):
+        return APIError(400, f"langchain: {exc}", param="langchain")
+    if isinstance(exc, UnknownKnowledgeBaseError):
+        return APIError(404, str(exc), type_="not_found_error", param="kb", code="knowledge_base_not_found")
+    if isinstance(exc, EmptyKnowledgeBaseError):
+        return APIError(400, str(exc), param="kb", code="knowledge_base_empty")
+    if isinstance(exc, EmbeddingMismatchError):
+        return APIError(409, str(exc), type_="conflict_error", param="kb", code="embedding_model_mismatch")
+    if isinstance(exc, NameError_):
+        return APIError(400, str(exc), param="kb")
+    if isinstance(exc, (KnowledgeBaseError, LoaderError)):
+        return APIError(400, str(exc))
     if isinstance(exc, PromptTooLongError):
         return APIError(400, str(exc), param="prompt", code="context_length_exceeded")
     if isinstance(exc, EngineError):
@@ -75,4 +96,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, handle)
     app.add_exception_handler(ValidationError, handle)
     app.add_exception_handler(EngineError, handle)
+    for exc_type in (KnowledgeBaseError, KnowledgeUnavailableError, NameError_):
+        app.add_exception_handler(exc_type, handle)
     app.add_exception_handler(StarletteHTTPException, handle_http)

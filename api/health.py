@@ -17,4 +17,17 @@ async def health(request: Request) -> dict:
         "model": state.chat.model_name,
         "engine": state.chat.engine.health(),
         "auth": bool(state.settings.token),
+        "knowledge": _knowledge(state.knowledge),
+    }
+
+
+def _knowledge(service) -> dict:
+    if service is None:
+        return {"enabled": False}
+    return {
+        "enabled": True,
+        "embedding_model": service.embedder.name,
+        "dimension": service.embedder.dimension,
+        "bases": service.names(),
+        "chunks": service.total_chunks(),
     }

@@ -6,7 +6,7 @@ from typing import Annotated, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from chat import ChatRequest
+from chat import ChatRequest, KnowledgeQuery
 from engine import SamplingParams
 
 
@@ -91,4 +91,5 @@ class EASChatRequest(BaseModel):
             system_prompt=self.system_prompt if system_prompt is None else system_prompt,
             history=[tuple(p) for p in (self.history if history is None else history)],
             params=self.sampling_params(),
+            knowledge=KnowledgeQuery(self.kb, self.top_k_docs) if self.langchain else None,
         )

@@ -1,5 +1,5 @@
 """The chat service: the one place where a conversation becomes model input."""
 
-from chat.service import ChatEvent, ChatRequest, ChatService
+from chat.service import ChatEvent, ChatRequest, ChatService, KnowledgeQuery, KnowledgeUnavailableError
 
-__all__ = ["ChatEvent", "ChatRequest", "ChatService"]
+__all__ = ["ChatEvent", "ChatRequest", "ChatService", "KnowledgeQuery", "KnowledgeUnavailableError"]

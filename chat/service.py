@@ -2,7 +2,7 @@
 
 Protocol adapters (EAS HTTP, WebSocket, OpenAI, the WebUI) only translate
 their wire format into a ChatRequest and ChatEvents back out; system prompts,
-history fitting and sampling defaults are decided here once.
+history fitting, knowledge retrieval and sampling defaults are decided here once.
 """
 
 from __future__ import annotations
@@ -11,12 +11,25 @@ import asyncio
 import contextlib
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Optional, Sequence
 
 from engine import ChatMessage, Engine, PromptTooLongError, SamplingParams, Usage
 
+if TYPE_CHECKING:
+    from knowledge.service import KnowledgeService
+
 # an answer needs at least this much room before old turns are dropped to make it
 MIN_ANSWER_ROOM = 256
+
+
+class KnowledgeUnavailableError(Exception):
+    """A grounded answer was asked for, but this server has no knowledge base."""
+
+
+@dataclass(frozen=True)
+class KnowledgeQuery:
+    kb: str = "default"
+    top_k: int = 3
 
 
 @dataclass
@@ -27,13 +40,13 @@ class ChatRequest:
     system_prompt: str = ""
     history: Sequence[tuple[str, str]] = ()
     params: SamplingParams = field(default_factory=SamplingParams)
+    knowledge: Optional[KnowledgeQuery] = None
 
-    def messages(self, history: Optional[Sequence[tuple[str, str]]] = None) -> list[ChatMessage]:
-        turns = self.history if history is None else history
+    def messages(self, history: Sequence[tuple[str, str]], user_message: Optional[str] = None) -> list[ChatMessage]:
         out = [ChatMessage("system", self.system_prompt)] if self.system_prompt else []
-        for user, assistant in turns:
+        for user, assistant in history:
             out += [ChatMessage("user", user), ChatMessage("assistant", assistant)]
-        out.append(ChatMessage("user", self.prompt))
+        out.append(ChatMessage("user", self.prompt if user_message is None else user_message))
         return out
 
 
@@ -45,7 +58,7 @@ class ChatEvent:
     delta: str
     finish_reason: Optional[str] = None
     usage: Usage = field(default_factory=Usage)
-    history_used: int = 0  # how many history pairs fitted into the context
+    sources: Optional[list[dict]] = None  # set when the answer is grounded in the knowledge base
 
     @property
     def done(self) -> bool:
@@ -53,19 +66,30 @@ class ChatEvent:
 
 
 class ChatService:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, knowledge: Optional["KnowledgeService"] = None) -> None:
         self.engine = engine
+        self.knowledge = knowledge
 
     @property
     def model_name(self) -> str:
         return self.engine.model_name
 
     async def stream(self, request: ChatRequest, request_id: Optional[str] = None) -> AsyncIterator[ChatEvent]:
-        """Yield cumulative answer events; raises PromptTooLongError before the first one."""
+        """Yield cumulative answer events; validation errors are raised before the first one."""
         request_id = request_id or uuid.uuid4().hex
-        history = await asyncio.to_thread(self._fit_history, request)
+        user_message, sources = request.prompt, None
+        if request.knowledge is not None:
+            retrieval = await self._retrieve(request)
+            sources = [h.as_source() for h in retrieval.hits]
+            if retrieval.prompt is None:
+                # nothing relevant: say so plainly instead of letting the model invent an answer
+                reply = retrieval.no_match_reply or ""
+                yield ChatEvent(text=reply, delta=reply, finish_reason="stop", sources=[])
+                return
+            user_message = retrieval.prompt
+        history = await asyncio.to_thread(self._fit_history, request, user_message)
         text = ""
-        chunks = self.engine.generate(request.messages(history), request.params, request_id)
+        chunks = self.engine.generate(request.messages(history, user_message), request.params, request_id)
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 text += chunk.delta
@@ -74,7 +98,7 @@ class ChatService:
                     delta=chunk.delta,
                     finish_reason=chunk.finish_reason,
                     usage=chunk.usage,
-                    history_used=len(history),
+                    sources=sources,
                 )
 
     async def complete(self, request: ChatRequest, request_id: Optional[str] = None) -> ChatEvent:
@@ -85,13 +109,19 @@ class ChatService:
         assert last is not None and last.done
         return last
 
-    def _fit_history(self, request: ChatRequest) -> Sequence[tuple[str, str]]:
-        """Drop the oldest turns until the answer has room; the new prompt itself must fit."""
+    async def _retrieve(self, request: ChatRequest):
+        if self.knowledge is None:
+            raise KnowledgeUnavailableError("this server has no knowledge base")
+        query = request.knowledge
+        return await self.knowledge.retrieve(query.kb, request.prompt, query.top_k)
+
+    def _fit_history(self, request: ChatRequest, user_message: str) -> Sequence[tuple[str, str]]:
+        """Drop the oldest turns until the answer has room; the new message itself must fit."""
         limit = self.engine.max_model_len
         want = min(request.params.max_new_tokens, MIN_ANSWER_ROOM)
         history = list(request.history)
         while True:
-            used = self.engine.count_prompt_tokens(request.messages(history))
+            used = self.engine.count_prompt_tokens(request.messages(history, user_message))
             if used + want <= limit or not history:
                 break
             history.pop(0)

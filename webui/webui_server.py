@@ -19,12 +19,13 @@ if str(ROOT) not in sys.path:
 
 from api.config import TOKEN_ENV, ServerConfig  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
+from knowledge.config import KnowledgeConfig  # noqa: E402
 from webui.cli import add_flags, from_args, non_defaults  # noqa: E402
 
 log = logging.getLogger("chatllm")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[ServerConfig, EngineConfig]:
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[ServerConfig, EngineConfig, KnowledgeConfig]:
     parser = argparse.ArgumentParser(
         prog="webui_server.py",
         description="ChatLLM-WebUI: a Gradio WebUI, the EAS ChatLLM HTTP/WebSocket API and an "
@@ -33,26 +34,31 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[ServerConfig, Engi
     )
     add_flags(parser, ServerConfig, "server")
     add_flags(parser, EngineConfig, "model")
+    add_flags(parser, KnowledgeConfig, "knowledge base")
     args = parser.parse_args(argv)
-    return from_args(ServerConfig, args), from_args(EngineConfig, args)
+    return from_args(ServerConfig, args), from_args(EngineConfig, args), from_args(KnowledgeConfig, args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    server_config, engine_config = parse_args(argv)
+    server_config, engine_config, knowledge_config = parse_args(argv)
     logging.basicConfig(
         level=server_config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    changed = {**non_defaults(server_config), **non_defaults(engine_config)}
+    changed = {**non_defaults(server_config), **non_defaults(engine_config), **non_defaults(knowledge_config)}
     log.info("settings: %s", changed or "all defaults")
 
     from chat import ChatService
     from engine import ModelLoadError
     from engine.factory import build_engine
+    from knowledge.embeddings import EmbeddingLoadError, SentenceEmbedder
+    from knowledge.service import KnowledgeService
 
     try:
+        # the knowledge base first: its settings are checked in a second, the model takes longer
+        knowledge = KnowledgeService(knowledge_config, SentenceEmbedder(knowledge_config.embedding_model))
         engine = build_engine(engine_config)
-    except (ModelLoadError, ValueError) as exc:
+    except (ModelLoadError, EmbeddingLoadError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -60,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from api.app import build_app
 
-    app = build_app(server_config, ChatService(engine))
+    app = build_app(server_config, ChatService(engine, knowledge), knowledge=knowledge)
     if not server_config.token:
         log.warning("no --token set: the API is open to anyone who can reach %s:%d", server_config.host, server_config.port)
     print(f"ChatLLM-WebUI serving {engine.model_name} at http://{server_config.host}:{server_config.port}", flush=True)
@@ -72,6 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ws_max_size=server_config.max_request_bytes,
     )
     engine.shutdown()
+    knowledge.shutdown()
     return 0
 
 

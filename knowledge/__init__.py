@@ -1,0 +1,1 @@
+"""The knowledge base: documents -> chunks -> embeddings -> FAISS, and retrieval for chat."""
