@@ -44,7 +44,9 @@ def from_validation_error(exc: ValidationError | RequestValidationError) -> APIE
     """The first failing field, named as a dotted path, with pydantic's reason."""
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    loc = [str(p) for p in first.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
+        loc = loc[1:]  # where FastAPI found it, not which field it is
     param = ".".join(loc) or None
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     message = f"{param}: {msg}" if param else msg

@@ -11,44 +11,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.server_process import running_server  # noqa: E402
 
 PROMPT = "Write a long, detailed essay about the history of the Roman empire."
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure_server(tokens: int, runs: int) -> tuple[list[float], int]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "webui/webui_server.py"), "--port", str(port), "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            try:
-                if requests.get(url + "/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                if proc.poll() is not None:
-                    raise SystemExit("server failed to start")
-                time.sleep(0.5)
+    with tempfile.TemporaryDirectory() as kb, running_server(["--knowledge-dir", kb]) as url:
         body = {"prompt": PROMPT, "do_sample": False, "max_new_tokens": tokens}
         requests.post(url, json={**body, "max_new_tokens": 8}, timeout=300)  # warm-up
         rates, produced = [], tokens
@@ -59,9 +37,6 @@ def measure_server(tokens: int, runs: int) -> tuple[list[float], int]:
             produced = reply["usage"]["completion_tokens"]
             rates.append(produced / elapsed)
         return rates, produced
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def measure_generate(tokens: int, runs: int) -> list[float]:

@@ -55,16 +55,18 @@ def decode_text(data: bytes) -> str:
     for bom, encoding in ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
         if data.startswith(bom):
             return data.decode(encoding)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
     utf16 = _looks_like_utf16(data)
     if utf16:
         try:
             return data.decode(utf16)
         except UnicodeDecodeError:
             pass
+    if b"\x00" in data:
+        raise LoaderError("the file looks binary, not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
     try:
         text = data.decode("gb18030")
         if _mostly_cjk(text):
@@ -80,10 +82,7 @@ def decode_text(data: bytes) -> str:
 
 
 def load_text(data: bytes) -> list[Section]:
-    text = decode_text(data).replace("\r\n", "\n").replace("\r", "\n")
-    if "\x00" in text:
-        raise LoaderError("the file looks binary, not text")
-    return [Section(text)]
+    return [Section(decode_text(data).replace("\r\n", "\n").replace("\r", "\n"))]
 
 
 # ---- Word ---------------------------------------------------------------------------

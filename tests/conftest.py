@@ -23,9 +23,13 @@ from api.config import ServerConfig  # noqa: E402
 from chat import ChatService  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.factory import build_engine  # noqa: E402
+from knowledge.config import KnowledgeConfig  # noqa: E402
+from knowledge.embeddings import SentenceEmbedder  # noqa: E402
+from knowledge.service import KnowledgeService  # noqa: E402
 
 TOKEN = "test-token-7f3a"
 ARTIFACTS = ROOT / "tests" / "artifacts"
+RAG_DEV = ROOT.parent / "shared" / "rag-dev"
 
 
 def free_port() -> int:
@@ -77,13 +81,26 @@ def engine():
 
 
 @pytest.fixture(scope="session")
-def chat_service(engine) -> ChatService:
-    return ChatService(engine)
+def embedder() -> SentenceEmbedder:
+    return SentenceEmbedder()
 
 
-def _serve(chat_service, token: Optional[str], **settings) -> Iterator[LiveServer]:
+@pytest.fixture(scope="session")
+def knowledge(embedder, tmp_path_factory) -> Iterator[KnowledgeService]:
+    service = KnowledgeService(KnowledgeConfig(knowledge_dir=str(tmp_path_factory.mktemp("knowledge"))), embedder)
+    yield service
+    service.shutdown()
+
+
+@pytest.fixture(scope="session")
+def chat_service(engine, knowledge) -> ChatService:
+    return ChatService(engine, knowledge)
+
+
+def serve(chat_service, token: Optional[str], knowledge=None, **settings) -> Iterator[LiveServer]:
+    """Serve the given services on a fresh port until the generator is closed."""
     config = ServerConfig(token=token, **settings)
-    app = build_app(config, chat_service)
+    app = build_app(config, chat_service, knowledge=knowledge if knowledge is not None else chat_service.knowledge)
     port = free_port()
     with _ServerThread(app, port, config.max_request_bytes):
         yield LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/", token, app)
@@ -92,13 +109,13 @@ def _serve(chat_service, token: Optional[str], **settings) -> Iterator[LiveServe
 @pytest.fixture(scope="session")
 def server(chat_service) -> Iterator[LiveServer]:
     """An open server (no token), as `make run` starts it."""
-    yield from _serve(chat_service, None)
+    yield from serve(chat_service, None)
 
 
 @pytest.fixture(scope="session")
 def secured_server(chat_service) -> Iterator[LiveServer]:
     """The same engine behind --token."""
-    yield from _serve(chat_service, TOKEN)
+    yield from serve(chat_service, TOKEN)
 
 
 @pytest.fixture

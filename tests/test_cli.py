@@ -37,13 +37,14 @@ def _one_line_error(result) -> str:
 
 
 def test_missing_model_path(tmp_path):
-    line = _one_line_error(_run("--model-path", str(tmp_path / "nothing-here")))
+    line = _one_line_error(_run("--model-path", str(tmp_path / "nothing-here"), "--knowledge-dir", str(tmp_path / "kb")))
     assert "does not exist" in line and "nothing-here" in line
 
 
 def test_directory_without_model(tmp_path):
-    line = _one_line_error(_run("--model-path", str(tmp_path)))
-    assert "no config.json" in line and str(tmp_path) in line
+    (tmp_path / "model").mkdir()
+    line = _one_line_error(_run("--model-path", str(tmp_path / "model"), "--knowledge-dir", str(tmp_path / "kb")))
+    assert "no config.json" in line and str(tmp_path / "model") in line
 
 
 def test_unreadable_model_file(tmp_path):
@@ -51,22 +52,22 @@ def test_unreadable_model_file(tmp_path):
         # root reads anything: use a file that exists but is not a model
         bad = tmp_path / "broken.gguf"
         bad.write_bytes(b"not a gguf file")
-        line = _one_line_error(_run("--model-path", str(bad)))
+        line = _one_line_error(_run("--model-path", str(bad), "--knowledge-dir", str(tmp_path / "kb")))
         assert "could not load GGUF file" in line and "broken.gguf" in line
     else:
         bad = tmp_path / "secret.gguf"
         bad.write_bytes(b"x")
         bad.chmod(0)
-        assert "not readable" in _one_line_error(_run("--model-path", str(bad)))
+        assert "not readable" in _one_line_error(_run("--model-path", str(bad), "--knowledge-dir", str(tmp_path / "kb")))
 
 
-def test_hub_id_that_cannot_be_downloaded():
-    line = _one_line_error(_run("--model-path", "Qwen/Qwen2-7B-Instruct"))
+def test_hub_id_that_cannot_be_downloaded(tmp_path):
+    line = _one_line_error(_run("--model-path", "Qwen/Qwen2-7B-Instruct", "--knowledge-dir", str(tmp_path / "kb")))
     assert "Qwen/Qwen2-7B-Instruct" in line and "could not download" in line
 
 
-def test_vllm_backend_not_installed():
-    line = _one_line_error(_run("--backend", "vllm"))
+def test_vllm_backend_not_installed(tmp_path):
+    line = _one_line_error(_run("--backend", "vllm", "--knowledge-dir", str(tmp_path)))
     assert "vllm" in line and "not installed" in line
 
 
@@ -81,7 +82,8 @@ def test_real_start_serves_the_embedded_model(tmp_path):
     port = free_port()
     log = open(tmp_path / "server.log", "w+")
     proc = subprocess.Popen(
-        [*SERVER, "--port", str(port), "--served-model-name", "smol", "--max-model-len", "2048"],
+        [*SERVER, "--port", str(port), "--served-model-name", "smol", "--max-model-len", "2048",
+         "--knowledge-dir", str(tmp_path / "kb")],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     try:
@@ -105,3 +107,14 @@ def test_real_start_serves_the_embedded_model(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_bad_knowledge_settings_fail_fast(tmp_path):
+    line = _one_line_error(_run("--chunk-size", "100", "--chunk-overlap", "200", "--knowledge-dir", str(tmp_path)))
+    assert "--chunk-overlap" in line
+    line = _one_line_error(_run("--embedding-model", str(tmp_path / "no-model"), "--knowledge-dir", str(tmp_path)))
+    assert "embedding model path" in line and "does not exist" in line
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Answer: {question}")
+    line = _one_line_error(_run("--rag-prompt-file", str(prompt), "--knowledge-dir", str(tmp_path)))
+    assert "{context}" in line
