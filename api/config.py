@@ -24,6 +24,11 @@ class ServerConfig:
         default=1 << 20,
         metadata={"help": "largest chat request body or WebSocket frame accepted, in bytes"},
     )
+    api_only: bool = field(default=False, metadata={"help": "serve only the APIs, not the WebUI page"})
+    ui_concurrency: int = field(
+        default=16,
+        metadata={"help": "WebUI events (answers, uploads) served at once; the engine interleaves the answers"},
+    )
     log_level: str = field(
         default="info",
         metadata={"help": "logging verbosity", "choices": ["debug", "info", "warning", "error"]},

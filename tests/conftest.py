@@ -99,8 +99,12 @@ def chat_service(engine, knowledge) -> ChatService:
 
 def serve(chat_service, token: Optional[str], knowledge=None, **settings) -> Iterator[LiveServer]:
     """Serve the given services on a fresh port until the generator is closed."""
+    from webui.ui import mount_ui
+
     config = ServerConfig(token=token, **settings)
-    app = build_app(config, chat_service, knowledge=knowledge if knowledge is not None else chat_service.knowledge)
+    knowledge = knowledge if knowledge is not None else chat_service.knowledge
+    ui = mount_ui(chat_service, knowledge, token, config.ui_concurrency, knowledge.config.max_upload_mb)
+    app = build_app(config, chat_service, knowledge=knowledge, ui=ui)
     port = free_port()
     with _ServerThread(app, port, config.max_request_bytes):
         yield LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/", token, app)

@@ -67,12 +67,19 @@ async def _run_disconnect(url, body):
 def test_non_stream_client_disconnect_stops_generation(server):
     before = _wait_idle(server)
 
-    async def leave_early():
-        async with httpx.AsyncClient(timeout=1.5) as client:
-            with pytest.raises(httpx.ReadTimeout):
-                await client.post(server.url, json=LONG)
+    async def leave_once_running():
+        async with httpx.AsyncClient(timeout=300) as client:
+            request = asyncio.create_task(client.post(server.url, json=LONG))
+            deadline = time.monotonic() + 60
+            while (await client.get(server.url + "/health")).json()["engine"]["running"] == 0:
+                assert time.monotonic() < deadline and not request.done()
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+            request.cancel()  # the client goes away mid-answer
+            with pytest.raises(asyncio.CancelledError):
+                await request
 
-    asyncio.run(leave_early())
+    asyncio.run(leave_once_running())
     state = _wait_idle(server, timeout=3.0)
     assert state["aborted"] == before["aborted"] + 1
     assert state["tokens_generated"] - before["tokens_generated"] < 120

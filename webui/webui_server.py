@@ -66,7 +66,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from api.app import build_app
 
-    app = build_app(server_config, ChatService(engine, knowledge), knowledge=knowledge)
+    chat = ChatService(engine, knowledge)
+    ui = None
+    if not server_config.api_only:
+        from webui.ui import mount_ui
+
+        ui = mount_ui(chat, knowledge, server_config.token, server_config.ui_concurrency, knowledge_config.max_upload_mb)
+    app = build_app(server_config, chat, knowledge=knowledge, ui=ui)
     if not server_config.token:
         log.warning("no --token set: the API is open to anyone who can reach %s:%d", server_config.host, server_config.port)
     print(f"ChatLLM-WebUI serving {engine.model_name} at http://{server_config.host}:{server_config.port}", flush=True)

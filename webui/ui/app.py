@@ -1,0 +1,63 @@
+"""Assembling the page and mounting it on the API app at `/`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import gradio as gr
+from fastapi import FastAPI
+
+from chat import ChatService
+from knowledge.service import KnowledgeService
+from webui.ui.chat_tab import ChatTab
+from webui.ui.langchain_tab import DEFAULT_KB, LangChainTab
+
+TITLE = "ChatLLM-WebUI"
+CSS = """
+#chat-window, #kb-chat-window { min-height: 320px; }
+@media (max-width: 640px) { .gradio-container { padding: 4px !important; } }
+"""
+
+
+def status_line(chat: ChatService, knowledge: Optional[KnowledgeService]) -> str:
+    model = f"**Model:** `{chat.model_name}`"
+    if knowledge is None:
+        return f"{model} · **Knowledge base:** off"
+    bases = knowledge.names()
+    chunks = knowledge.total_chunks()
+    kb = (f"{len(bases)} base{'s' if len(bases) != 1 else ''}, {chunks} chunks loaded" if chunks else "empty (upload files in the LangChain tab)")
+    return f"{model} · **Knowledge base:** {kb} · embeddings `{knowledge.embedder.name}`"
+
+
+def build_blocks(chat: ChatService, knowledge: Optional[KnowledgeService], concurrency: int) -> gr.Blocks:
+    refresh = lambda: status_line(chat, knowledge)  # noqa: E731
+    with gr.Blocks(title=TITLE) as blocks:
+        gr.Markdown(f"# {TITLE}")
+        status = gr.Markdown(refresh(), elem_id="status-line")
+        with gr.Tabs():
+            ChatTab(chat).render()
+            if knowledge is not None:
+                langchain = LangChainTab(chat, knowledge, refresh)
+                langchain.render(status)
+        if knowledge is not None:
+            blocks.load(lambda: (refresh(), *langchain.load_listing(DEFAULT_KB)), None,
+                        [status, langchain.file_table, langchain.delete_choice], queue=False)
+    # several browser users stream at once; the engine interleaves them
+    blocks.queue(default_concurrency_limit=concurrency)
+    return blocks
+
+
+def mount_ui(chat: ChatService, knowledge: Optional[KnowledgeService], token: Optional[str], concurrency: int = 16, max_upload_mb: float = 20.0):
+    """An app part: mounts the page at `/`, asking for the token first when one is set."""
+
+    def mount(app: FastAPI) -> None:
+        blocks = build_blocks(chat, knowledge, concurrency)
+        auth = (lambda _user, password: password == token) if token else None
+        gr.mount_gradio_app(
+            app, blocks, path="/", auth=auth,
+            auth_message="This ChatLLM-WebUI is protected: enter any user name and the service token as password." if token else None,
+            max_file_size=f"{int(max_upload_mb * 1024)}kb", footer_links=["api"], run_history=False,
+            css=CSS, theme=gr.themes.Soft(),
+        )
+
+    return mount
