@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import HTMLResponse
 
-from api import eas_http, eas_ws, health, knowledge_api
+from api import eas_http, eas_ws, health, knowledge_api, openai_api
 from api.config import ServerConfig
 from api.errors import install_error_handlers
 from chat import ChatService
@@ -33,9 +34,11 @@ def build_app(
     app.state.settings = settings
     app.state.chat = chat
     app.state.knowledge = knowledge
+    app.state.started_at = int(time.time())
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(knowledge_api.router)
+    app.include_router(openai_api.router)
     for router in extra_routers:
         app.include_router(router)
     # POST / and the WebSocket at / come before any UI mounted at /, so they win

@@ -86,10 +86,10 @@ class EASChatRequest(BaseModel):
         )
 
     def to_chat_request(self, system_prompt: Optional[str] = None, history=None) -> ChatRequest:
-        return ChatRequest(
+        return ChatRequest.from_pairs(
             prompt=self.prompt,
             system_prompt=self.system_prompt if system_prompt is None else system_prompt,
-            history=[tuple(p) for p in (self.history if history is None else history)],
+            history=self.history if history is None else history,
             params=self.sampling_params(),
             knowledge=KnowledgeQuery(self.kb, self.top_k_docs) if self.langchain else None,
         )

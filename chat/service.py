@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, AsyncIterator, Optional, Sequence
 
 from engine import ChatMessage, Engine, PromptTooLongError, SamplingParams, Usage
@@ -26,6 +26,20 @@ class KnowledgeUnavailableError(Exception):
     """A grounded answer was asked for, but this server has no knowledge base."""
 
 
+class ContextOverflowError(PromptTooLongError):
+    """Prompt plus the requested answer length exceed the context (OpenAI-style strictness)."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, max_model_len: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.max_model_len = max_model_len
+        Exception.__init__(
+            self,
+            f"this model's maximum context length is {max_model_len} tokens, but {prompt_tokens + max_new_tokens} "
+            f"were requested ({prompt_tokens} in the messages, {max_new_tokens} for the completion); "
+            "shorten the messages or ask for fewer tokens",
+        )
+
+
 @dataclass(frozen=True)
 class KnowledgeQuery:
     kb: str = "default"
@@ -34,25 +48,43 @@ class KnowledgeQuery:
 
 @dataclass
 class ChatRequest:
-    """A protocol-neutral chat turn: earlier turns, the new user message, settings."""
+    """A protocol-neutral conversation: system prompt, turns ending with the user's, settings.
 
-    prompt: str
+    `fit_history`: drop the oldest turns when the conversation does not fit (EAS and
+    WebUI behaviour); when False an oversized request is an error instead (OpenAI).
+    `exact_max_tokens`: max_new_tokens was asked for explicitly and must fit, not be capped.
+    """
+
+    turns: Sequence[ChatMessage]
     system_prompt: str = ""
-    history: Sequence[tuple[str, str]] = ()
     params: SamplingParams = field(default_factory=SamplingParams)
     knowledge: Optional[KnowledgeQuery] = None
+    fit_history: bool = True
+    exact_max_tokens: bool = False
 
-    def messages(self, history: Sequence[tuple[str, str]], user_message: Optional[str] = None) -> list[ChatMessage]:
-        out = [ChatMessage("system", self.system_prompt)] if self.system_prompt else []
+    @classmethod
+    def from_pairs(cls, prompt: str, system_prompt: str = "", history: Sequence[Sequence[str]] = (), **kw) -> "ChatRequest":
+        turns: list[ChatMessage] = []
         for user, assistant in history:
-            out += [ChatMessage("user", user), ChatMessage("assistant", assistant)]
-        out.append(ChatMessage("user", self.prompt if user_message is None else user_message))
+            turns += [ChatMessage("user", user), ChatMessage("assistant", assistant)]
+        turns.append(ChatMessage("user", prompt))
+        return cls(turns=turns, system_prompt=system_prompt, **kw)
+
+    @property
+    def prompt(self) -> str:
+        return self.turns[-1].content
+
+    def messages(self, turns: Sequence[ChatMessage], user_message: Optional[str] = None) -> list[ChatMessage]:
+        out = [ChatMessage("system", self.system_prompt)] if self.system_prompt else []
+        out += list(turns)
+        if user_message is not None:
+            out[-1] = ChatMessage("user", user_message)
         return out
 
 
 @dataclass
 class ChatEvent:
-    """The answer so far; the last event carries finish_reason and usage."""
+    """The answer so far; the last event carries finish_reason, and usage is always current."""
 
     text: str
     delta: str
@@ -77,7 +109,7 @@ class ChatService:
     async def stream(self, request: ChatRequest, request_id: Optional[str] = None) -> AsyncIterator[ChatEvent]:
         """Yield cumulative answer events; validation errors are raised before the first one."""
         request_id = request_id or uuid.uuid4().hex
-        user_message, sources = request.prompt, None
+        user_message, sources = None, None
         if request.knowledge is not None:
             retrieval = await self._retrieve(request)
             sources = [h.as_source() for h in retrieval.hits]
@@ -87,27 +119,29 @@ class ChatService:
                 yield ChatEvent(text=reply, delta=reply, finish_reason="stop", sources=[])
                 return
             user_message = retrieval.prompt
-        history = await asyncio.to_thread(self._fit_history, request, user_message)
-        text = ""
-        chunks = self.engine.generate(request.messages(history, user_message), request.params, request_id)
-        async with contextlib.aclosing(chunks):
-            async for chunk in chunks:
-                text += chunk.delta
-                yield ChatEvent(
-                    text=text,
-                    delta=chunk.delta,
-                    finish_reason=chunk.finish_reason,
-                    usage=chunk.usage,
-                    sources=sources,
-                )
+        turns = await asyncio.to_thread(self._fit, request, user_message)
+        chunks = self.engine.generate(request.messages(turns, user_message), request.params, request_id)
+        async for event in self._events(chunks, sources):
+            yield event
+
+    async def stream_completion(self, prompt: str, params: SamplingParams, request_id: Optional[str] = None) -> AsyncIterator[ChatEvent]:
+        """A raw text completion (no chat template), for /v1/completions."""
+        chunks = self.engine.generate_from_prompt(prompt, params, request_id or uuid.uuid4().hex)
+        async for event in self._events(chunks, None):
+            yield event
 
     async def complete(self, request: ChatRequest, request_id: Optional[str] = None) -> ChatEvent:
         """The whole answer at once."""
-        last = None
-        async for event in self.stream(request, request_id):
-            last = event
-        assert last is not None and last.done
-        return last
+        return await last_event(self.stream(request, request_id))
+
+    @staticmethod
+    async def _events(chunks, sources) -> AsyncIterator[ChatEvent]:
+        text = ""
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                text += chunk.delta
+                yield ChatEvent(text=text, delta=chunk.delta, finish_reason=chunk.finish_reason,
+                                usage=chunk.usage, sources=sources)
 
     async def _retrieve(self, request: ChatRequest):
         if self.knowledge is None:
@@ -115,16 +149,34 @@ class ChatService:
         query = request.knowledge
         return await self.knowledge.retrieve(query.kb, request.prompt, query.top_k)
 
-    def _fit_history(self, request: ChatRequest, user_message: str) -> Sequence[tuple[str, str]]:
-        """Drop the oldest turns until the answer has room; the new message itself must fit."""
+    def _fit(self, request: ChatRequest, user_message: Optional[str]) -> Sequence[ChatMessage]:
+        """The turns that fit the context with room for the answer."""
         limit = self.engine.max_model_len
-        want = min(request.params.max_new_tokens, MIN_ANSWER_ROOM)
-        history = list(request.history)
+        want = request.params.max_new_tokens if request.exact_max_tokens else min(request.params.max_new_tokens, MIN_ANSWER_ROOM)
+        turns = list(request.turns)
         while True:
-            used = self.engine.count_prompt_tokens(request.messages(history, user_message))
-            if used + want <= limit or not history:
+            used = self.engine.count_prompt_tokens(request.messages(turns, user_message))
+            if used + want <= limit or not request.fit_history or len(turns) == 1:
                 break
-            history.pop(0)
+            # drop the oldest exchange: everything up to the next user turn after the first
+            cut = next((i for i in range(1, len(turns)) if turns[i].role == "user"), len(turns) - 1)
+            turns = turns[cut:]
         if used >= limit:
             raise PromptTooLongError(used, limit)
-        return history
+        if request.exact_max_tokens and used + request.params.max_new_tokens > limit:
+            raise ContextOverflowError(used, request.params.max_new_tokens, limit)
+        return turns
+
+
+async def last_event(events: AsyncIterator[ChatEvent]) -> ChatEvent:
+    last = None
+    async with contextlib.aclosing(events):
+        async for event in events:
+            last = event
+    assert last is not None and last.done
+    return last
+
+
+def with_seed(params: SamplingParams, offset: int) -> SamplingParams:
+    """Distinct but reproducible seeds for the n choices of one request."""
+    return params if params.seed is None or offset == 0 else replace(params, seed=params.seed + offset)

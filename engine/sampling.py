@@ -29,6 +29,15 @@ def apply_repetition_penalty(
     return logits.scatter(-1, seen_ids, scores)
 
 
+def apply_presence_frequency_penalty(
+    logits: torch.Tensor, output_counts: Optional[torch.Tensor], presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI's penalties: subtract per generated occurrence (frequency) and once per seen token (presence)."""
+    if output_counts is None or (presence == 0.0 and frequency == 0.0):
+        return logits
+    return logits - frequency * output_counts - presence * (output_counts > 0).to(logits.dtype)
+
+
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Mask everything outside the top-k and the top-p nucleus with -inf."""
     if 0 < top_k < logits.shape[-1]:
@@ -49,9 +58,11 @@ def sample_next_token(
     params: SamplingParams,
     seen_ids: torch.Tensor,
     generator: torch.Generator,
+    output_counts: Optional[torch.Tensor] = None,
 ) -> int:
     """Pick the next token from a 1-D row of logits."""
     logits = apply_repetition_penalty(logits.float(), seen_ids, params.repetition_penalty)
+    logits = apply_presence_frequency_penalty(logits, output_counts, params.presence_penalty, params.frequency_penalty)
     if params.greedy:
         return int(torch.argmax(logits))
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)

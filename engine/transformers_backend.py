@@ -49,6 +49,7 @@ class _Sequence:
     cache: object = None
     next_input: Optional[torch.Tensor] = None
     seen_ids: Optional[torch.Tensor] = None
+    output_counts: Optional[torch.Tensor] = None  # only when presence/frequency penalties are on
     generated: int = 0
     cancelled: bool = field(default=False)
 
@@ -204,8 +205,12 @@ class TransformersEngine(Engine):
             seq.seen_ids = torch.tensor(seq.prompt_ids, device=self._device)
         out = self._model(input_ids=seq.next_input, past_key_values=seq.cache, use_cache=True)
         logits = out.logits[0, -1]
-        token = sample_next_token(logits, seq.params, seq.seen_ids, seq.generator)
+        if seq.params.counts_output and seq.output_counts is None:
+            seq.output_counts = torch.zeros(logits.shape[-1], device=logits.device)
+        token = sample_next_token(logits, seq.params, seq.seen_ids, seq.generator, seq.output_counts)
         seq.generated += 1
+        if seq.output_counts is not None:
+            seq.output_counts[token] += 1
         self._stats["tokens_generated"] += 1
         if token in self._prompts.eos_token_ids:
             self._finish(seq, delta=seq.detokenizer.flush(), reason="stop")
@@ -221,7 +226,7 @@ class TransformersEngine(Engine):
         if seq.params.repetition_penalty != 1.0:
             seq.seen_ids = torch.cat([seq.seen_ids, seq.next_input[0]])
         if delta:
-            self._emit(seq, GenerationChunk(delta=delta))
+            self._emit(seq, GenerationChunk(delta=delta, usage=Usage(len(seq.prompt_ids), seq.generated)))
 
     def _finish(self, seq: _Sequence, delta: str = "", reason: str = "stop", error: Optional[BaseException] = None) -> None:
         if seq in self._active:

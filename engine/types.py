@@ -29,12 +29,19 @@ class SamplingParams:
     top_p: float = 0.8
     do_sample: bool = True
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None
 
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature <= 0.0
+
+    @property
+    def counts_output(self) -> bool:
+        """Whether sampling needs the per-token counts of the answer so far."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass

@@ -39,8 +39,7 @@ async def stream_answer(
     knowledge: Optional[KnowledgeQuery] = None,
 ) -> AsyncIterator[list[dict]]:
     """Yield the chat window's messages as the answer grows (throttled); errors become a visible block."""
-    request = ChatRequest(prompt=prompt, system_prompt=system_prompt or "", history=to_pairs(history),
-                          params=params, knowledge=knowledge)
+    request = ChatRequest.from_pairs(prompt, system_prompt or "", to_pairs(history), params=params, knowledge=knowledge)
     messages = [*history, {"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
     yield messages
     throttle = Throttle()

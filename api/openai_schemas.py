@@ -1,0 +1,202 @@
+"""OpenAI-compatible request schemas (chat completions, completions) and their translation."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from api.schemas import LenientBool
+from chat import ChatRequest, KnowledgeQuery
+from engine import ChatMessage, SamplingParams
+
+MAX_N = 8
+MAX_STOP = 16
+# OpenAI's own newer name for the system role
+ROLE_ALIASES = {"developer": "system"}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: LenientBool = False
+
+
+class _Common(BaseModel):
+    """Sampling fields both endpoints share, with OpenAI's ranges."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1, description="extension: 0 or -1 disables")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="extension")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: LenientBool = False
+    stream_options: Optional[StreamOptions] = None
+    logprobs: Optional[Any] = None
+    # knowledge-base extension, as on POST /
+    langchain: LenientBool = False
+    kb: str = Field("default", min_length=1, max_length=100)
+    top_k_docs: int = Field(3, ge=1, le=50)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value):
+        if isinstance(value, list) and len(value) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value):
+        if value not in (None, False, 0):
+            raise ValueError("logprobs are not supported by this server")
+        return value
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return tuple(s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s)
+
+    def sampling_params(self, max_new_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_k=max(self.top_k, 0),
+            top_p=self.top_p,
+            do_sample=self.temperature > 0,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            stop=self.stop_strings(),
+            seed=self.seed,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def knowledge_query(self) -> Optional[KnowledgeQuery]:
+        return KnowledgeQuery(self.kb, self.top_k_docs) if self.langchain else None
+
+
+class ChatCompletionMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: Optional[Union[str, list[dict[str, Any]]]] = None
+    name: Optional[str] = None
+
+    def text(self, index: int) -> str:
+        """The message's text; non-text parts are refused, naming the part."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        pieces = []
+        for j, part in enumerate(self.content):
+            kind = part.get("type")
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(
+                    f"messages[{index}].content[{j}]: part type {kind!r} is not supported; this model reads text parts only"
+                )
+            pieces.append(part["text"])
+        return "".join(pieces)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatCompletionMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    tools: Optional[list[Any]] = None
+    response_format: Optional[dict[str, Any]] = None
+
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, messages: list[ChatCompletionMessage]) -> list[ChatCompletionMessage]:
+        for i, m in enumerate(messages):
+            if ROLE_ALIASES.get(m.role, m.role) not in ("system", "user", "assistant"):
+                raise ValueError(f"messages[{i}].role: unknown role {m.role!r}; use system, user or assistant")
+            m.text(i)
+        if ROLE_ALIASES.get(messages[-1].role, messages[-1].role) != "user":
+            raise ValueError("the last message must be from the user")
+        return messages
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value):
+        if value:
+            raise ValueError("tool calling is not supported by this server")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value):
+        if value and value.get("type") not in (None, "text"):
+            raise ValueError("only text responses are supported")
+        return value
+
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens or self.max_tokens
+
+    def to_chat_request(self, default_max_tokens: int) -> ChatRequest:
+        system_parts, turns = [], []
+        for i, m in enumerate(self.messages):
+            role = ROLE_ALIASES.get(m.role, m.role)
+            if role == "system":
+                system_parts.append(m.text(i))
+            else:
+                turns.append(ChatMessage(role, m.text(i)))
+        asked = self.requested_max_tokens()
+        return ChatRequest(
+            turns=turns,
+            system_prompt="\n\n".join(p for p in system_parts if p),
+            params=self.sampling_params(asked or default_max_tokens),
+            knowledge=self.knowledge_query(),
+            fit_history=False,
+            exact_max_tokens=asked is not None,
+        )
+
+
+class CompletionRequest(_Common):
+    prompt: Union[str, list[str]]
+    max_tokens: Optional[int] = Field(16, ge=1)
+    echo: LenientBool = False
+    suffix: Optional[str] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("must hold at least one prompt")
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value):
+        if value:
+            raise ValueError("echoing the prompt is not supported by this server")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value):
+        if value:
+            raise ValueError("insertion (suffix) is not supported by this server")
+        return value
+
+    @model_validator(mode="after")
+    def _choice_limit(self) -> "CompletionRequest":
+        if len(self.prompts()) * self.n > MAX_N:
+            raise ValueError(f"n: at most {MAX_N} completions per request (prompts × n)")
+        return self
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+FinishReason = Literal["stop", "length"]
