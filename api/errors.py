@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chat import KnowledgeUnavailableError
-from engine import EngineError, PromptTooLongError
+from engine import EngineError, EngineOverloadedError, PromptTooLongError
 from knowledge.loaders import LoaderError
 from knowledge.names import NameError_
 from knowledge.store import (
@@ -75,6 +75,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc))
     if isinstance(exc, PromptTooLongError):
         return APIError(400, str(exc), param="prompt", code="context_length_exceeded")
+    if isinstance(exc, EngineOverloadedError):
+        return APIError(503, str(exc), type_="overloaded_error", code="server_overloaded")
     if isinstance(exc, EngineError):
         return APIError(500, str(exc), type_="server_error")
     log.exception("unexpected error", exc_info=exc)

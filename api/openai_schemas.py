@@ -40,6 +40,7 @@ class _Common(BaseModel):
     stream: LenientBool = False
     stream_options: Optional[StreamOptions] = None
     logprobs: Optional[Any] = None
+    ignore_eos: LenientBool = Field(False, description="extension (as in vLLM): keep generating past end-of-sequence, for benchmarks")
     # knowledge-base extension, as on POST /
     langchain: LenientBool = False
     kb: str = Field("default", min_length=1, max_length=100)
@@ -76,6 +77,7 @@ class _Common(BaseModel):
             frequency_penalty=self.frequency_penalty,
             stop=self.stop_strings(),
             seed=self.seed,
+            ignore_eos=self.ignore_eos,
         )
 
     @property

@@ -3,6 +3,7 @@
 from engine.types import (
     ChatMessage,
     EngineError,
+    EngineOverloadedError,
     GenerationChunk,
     ModelLoadError,
     PromptTooLongError,
@@ -15,6 +16,7 @@ __all__ = [
     "ChatMessage",
     "Engine",
     "EngineError",
+    "EngineOverloadedError",
     "GenerationChunk",
     "ModelLoadError",
     "PromptTooLongError",

@@ -50,6 +50,22 @@ class EngineConfig:
         default=None,
         metadata={"help": "model name reported by the APIs; default: the model directory or file name"},
     )
+    max_num_seqs: int = field(
+        default=32,
+        metadata={"help": "most sequences decoded together in one batch; more wait in the queue"},
+    )
+    kv_cache_tokens: int = field(
+        default=131072,
+        metadata={"help": "KV-cache budget in tokens (batch rows x padded length); requests beyond it wait"},
+    )
+    max_prefill_tokens: int = field(
+        default=8192,
+        metadata={"help": "most prompt tokens prefilled in one forward pass when several requests join"},
+    )
+    max_queue: int = field(
+        default=256,
+        metadata={"help": "most requests waiting for a batch slot; past it requests get 503"},
+    )
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "allow model repositories to run their own Python code (ChatGLM, Baichuan)"},

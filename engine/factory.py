@@ -13,7 +13,7 @@ from engine.types import ModelLoadError
 
 
 def _build_transformers(config: EngineConfig, source: ModelSource) -> Engine:
-    from engine.transformers_backend import TransformersEngine
+    from engine.transformers_backend import BatchLimits, TransformersEngine
 
     model, tokenizer, _ = load_model(source, config)
     eos = model.generation_config.eos_token_id if model.generation_config else None
@@ -24,6 +24,7 @@ def _build_transformers(config: EngineConfig, source: ModelSource) -> Engine:
         prompts=PromptBuilder(tokenizer, config.model_type, eos_ids),
         model_name=config.served_model_name or source.display_name,
         max_model_len=context_length(model, tokenizer, config.max_model_len),
+        limits=BatchLimits(config.max_num_seqs, config.kv_cache_tokens, config.max_prefill_tokens, config.max_queue),
     )
 
 

@@ -1,30 +1,33 @@
-"""The default backend: a transformers model driven by one scheduler thread.
+"""The default backend: a transformers model driven by one scheduler thread, batching every user.
 
 All model work happens on a single worker thread, so the event loop never
-waits on torch. Requests are admitted at step boundaries and advanced one
-token per step in turn, so a long answer does not hold back a new user, and a
-cancelled request is dropped at the next step.
+waits on torch. Each iteration admits waiting requests (one batched,
+left-padded prefill), then runs one decode step for every running sequence
+in a single forward pass (iteration-level "continuous" batching). Finished
+and cancelled sequences leave the batch at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Optional, Sequence
 
 import torch
 
 from engine.base import Engine
+from engine.batch import RunningBatch, prefill_inputs
 from engine.detokenizer import IncrementalDetokenizer
 from engine.prompting import PromptBuilder
-from engine.sampling import make_generator, sample_next_token
+from engine.sampling import make_generator, sample_batch
 from engine.types import (
     ChatMessage,
     EngineError,
+    EngineOverloadedError,
     GenerationChunk,
     PromptTooLongError,
     SamplingParams,
@@ -32,6 +35,14 @@ from engine.types import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_num_seqs: int = 32
+    kv_cache_tokens: int = 131072
+    max_prefill_tokens: int = 8192
+    max_queue: int = 256
 
 
 @dataclass(eq=False)
@@ -46,49 +57,45 @@ class _Sequence:
     outbox: asyncio.Queue
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator
-    cache: object = None
-    next_input: Optional[torch.Tensor] = None
-    seen_ids: Optional[torch.Tensor] = None
-    output_counts: Optional[torch.Tensor] = None  # only when presence/frequency penalties are on
+    seen_ids: Optional[torch.Tensor] = None  # prompt + answer, for repetition_penalty
+    output_counts: Optional[torch.Tensor] = None  # answer token counts, for presence/frequency penalties
+    last_token: int = 0
     generated: int = 0
-    cancelled: bool = field(default=False)
+    cancelled: bool = False
+
+    @property
+    def reserved_tokens(self) -> int:
+        return len(self.prompt_ids) + self.max_new_tokens
 
 
 class TransformersEngine(Engine):
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        prompts: PromptBuilder,
-        model_name: str,
-        max_model_len: int,
-    ) -> None:
+    def __init__(self, model, tokenizer, prompts: PromptBuilder, model_name: str, max_model_len: int,
+                 limits: BatchLimits = BatchLimits()) -> None:
         self._model = model
         self._tokenizer = tokenizer
         self._prompts = prompts
         self.model_name = model_name
         self.max_model_len = max_model_len
+        self.limits = limits
         self._device = next(model.parameters()).device
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self._inbox: "queue.Queue[_Sequence]" = queue.Queue()
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._batch = RunningBatch()
         # request id -> sequence, for abort(); the worker reads `cancelled` flags
         self._live: dict[str, _Sequence] = {}
         self._live_lock = threading.Lock()
-        self._active: list[_Sequence] = []
         self._stopping = threading.Event()
-        self._stats = {"requests": 0, "tokens_generated": 0, "aborted": 0}
+        self._stats = {"requests": 0, "tokens_generated": 0, "aborted": 0, "rejected": 0, "steps": 0, "peak_batch": 0}
         self._worker = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         self._worker.start()
 
     # ---- the async side (event loop) -------------------------------------------------
 
-    def generate(
-        self, messages: Sequence[ChatMessage], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[GenerationChunk]:
+    def generate(self, messages: Sequence[ChatMessage], params: SamplingParams, request_id: str) -> AsyncIterator[GenerationChunk]:
         return self._stream(lambda: self._prompts.encode_chat(messages), params, request_id)
 
-    def generate_from_prompt(
-        self, prompt: str, params: SamplingParams, request_id: str
-    ) -> AsyncIterator[GenerationChunk]:
+    def generate_from_prompt(self, prompt: str, params: SamplingParams, request_id: str) -> AsyncIterator[GenerationChunk]:
         return self._stream(lambda: self._prompts.encode_raw(prompt), params, request_id)
 
     def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
@@ -108,8 +115,9 @@ class TransformersEngine(Engine):
             "dtype": str(self._model.dtype).removeprefix("torch."),
             "max_model_len": self.max_model_len,
             "chat_format": self._prompts.family,
-            "running": len(self._active),
-            "waiting": self._inbox.qsize(),
+            "running": len(self._batch),
+            "waiting": self._inbox.qsize() + len(self._waiting),
+            "max_num_seqs": self.limits.max_num_seqs,
             **self._stats,
         }
 
@@ -123,13 +131,17 @@ class TransformersEngine(Engine):
         room = self.max_model_len - len(prompt_ids)
         if room < 1:
             raise PromptTooLongError(len(prompt_ids), self.max_model_len)
-        loop = asyncio.get_running_loop()
+        if self._inbox.qsize() + len(self._waiting) >= self.limits.max_queue:
+            self._stats["rejected"] += 1
+            raise EngineOverloadedError(
+                f"the server is busy: {self.limits.max_queue} requests are already waiting; retry shortly"
+            )
         seq = _Sequence(
             request_id=request_id,
             prompt_ids=prompt_ids,
             params=params,
             max_new_tokens=min(params.max_new_tokens, room),
-            loop=loop,
+            loop=asyncio.get_running_loop(),
             outbox=asyncio.Queue(),
             detokenizer=IncrementalDetokenizer(self._tokenizer, (*params.stop, *self._prompts.stop_strings)),
             generator=make_generator(params.seed),
@@ -146,14 +158,13 @@ class TransformersEngine(Engine):
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                if item.finish_reason is not None:
-                    finished = True
+                finished = item.finish_reason is not None
                 yield item
                 if finished:
                     return
         finally:
             if not finished:
-                # the consumer left (disconnect, cancellation): free the slot
+                # the consumer left (disconnect, cancellation): free the slot at the next step
                 seq.cancelled = True
             with self._live_lock:
                 self._live.pop(request_id, None)
@@ -163,77 +174,131 @@ class TransformersEngine(Engine):
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stopping.is_set():
-            self._admit(block=not self._active)
-            self._drop_aborted()
-            for seq in list(self._active):
-                if seq.cancelled:
-                    continue
-                try:
-                    self._step(seq)
-                except Exception as exc:  # one bad request must not stop the others
-                    log.exception("generation failed for %s", seq.request_id)
-                    self._finish(seq, error=EngineError(f"generation failed: {exc}"))
+            self._collect(block=not self._batch and not self._waiting)
+            self._drop_cancelled()
+            try:
+                joining = self._take_joiners()
+                if joining:
+                    self._prefill(joining)
+                if self._batch:
+                    self._decode_step()
+            except Exception as exc:  # keep serving: fail the requests involved, not the server
+                log.exception("batch step failed")
+                for seq in list(self._batch.rows):
+                    self._emit(seq, EngineError(f"generation failed: {exc}"))
+                self._batch = RunningBatch()
 
-    def _admit(self, block: bool) -> None:
+    def _collect(self, block: bool) -> None:
         try:
             seq = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
-            self._active.append(seq)
+            self._waiting.append(seq)
             self._stats["requests"] += 1
             try:
                 seq = self._inbox.get_nowait()
             except queue.Empty:
                 return
 
-    def _drop_aborted(self) -> None:
-        for seq in [s for s in self._active if s.cancelled]:
-            self._active.remove(seq)
-            seq.cache = None
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self._waiting if s.cancelled]:
+            self._waiting.remove(seq)
             self._stats["aborted"] += 1
-            log.info("request %s aborted after %d tokens", seq.request_id, seq.generated)
+        gone = [i for i, s in enumerate(self._batch.rows) if s.cancelled]
+        if gone:
+            for i in gone:
+                seq = self._batch.rows[i]
+                self._stats["aborted"] += 1
+                log.info("request %s aborted after %d tokens", seq.request_id, seq.generated)
+            self._batch.keep([i for i in range(len(self._batch)) if i not in gone])
+
+    def _take_joiners(self) -> list[_Sequence]:
+        """Waiting requests that fit the batch, the KV budget and one prefill pass (FIFO)."""
+        joining: list[_Sequence] = []
+        rows = len(self._batch)
+        longest = max((s.reserved_tokens for s in self._batch.rows), default=0)
+        prefill_tokens = 0
+        while self._waiting and rows < self.limits.max_num_seqs:
+            seq = self._waiting[0]
+            new_longest = max(longest, seq.reserved_tokens)
+            # left padding makes every row as wide as the widest: budget the padded size
+            if (rows + 1) * new_longest > self.limits.kv_cache_tokens and rows > 0:
+                break
+            widest_prompt = max([len(s.prompt_ids) for s in joining] + [len(seq.prompt_ids)])
+            if joining and widest_prompt * (len(joining) + 1) > self.limits.max_prefill_tokens:
+                break
+            joining.append(self._waiting.popleft())
+            rows, longest = rows + 1, new_longest
+            prefill_tokens = widest_prompt * len(joining)
+        if joining:
+            log.debug("admitting %d requests (%d prefill tokens)", len(joining), prefill_tokens)
+        return joining
 
     @torch.inference_mode()
-    def _step(self, seq: _Sequence) -> None:
-        """Advance one sequence by one token (the first call also runs the prefill)."""
+    def _prefill(self, joining: list[_Sequence]) -> None:
         from transformers import DynamicCache
 
-        if seq.cache is None:
-            seq.cache = DynamicCache()
-            seq.next_input = torch.tensor([seq.prompt_ids], device=self._device)
-            seq.seen_ids = torch.tensor(seq.prompt_ids, device=self._device)
-        out = self._model(input_ids=seq.next_input, past_key_values=seq.cache, use_cache=True)
-        logits = out.logits[0, -1]
-        if seq.params.counts_output and seq.output_counts is None:
-            seq.output_counts = torch.zeros(logits.shape[-1], device=logits.device)
-        token = sample_next_token(logits, seq.params, seq.seen_ids, seq.generator, seq.output_counts)
+        inputs = prefill_inputs([s.prompt_ids for s in joining], self._pad_id, self._device)
+        cache = DynamicCache()
+        # only the last position's logits are needed: skip the vocabulary projection for the rest
+        out = self._model(**inputs, past_key_values=cache, logits_to_keep=1)
+        for seq in joining:
+            if seq.params.repetition_penalty != 1.0:
+                seq.seen_ids = torch.tensor(seq.prompt_ids, device=self._device)
+        tokens = self._sample(out.logits[:, -1], joining)
+        fresh = RunningBatch()
+        fresh.add(joining, cache, inputs["attention_mask"])
+        self._finish_step(fresh, tokens)
+        if fresh:
+            self._batch.add(fresh.rows, fresh.cache, fresh.mask)
+
+    @torch.inference_mode()
+    def _decode_step(self) -> None:
+        rows = self._batch.rows
+        out = self._model(**self._batch.step_inputs([s.last_token for s in rows]))
+        self._finish_step(self._batch, self._sample(out.logits[:, -1], rows))
+
+    def _sample(self, logits: torch.Tensor, rows: Sequence[_Sequence]) -> list[int]:
+        for seq in rows:
+            if seq.params.counts_output and seq.output_counts is None:
+                seq.output_counts = torch.zeros(logits.shape[-1], device=logits.device)
+        return sample_batch(
+            logits, [s.params for s in rows], [s.generator for s in rows],
+            [s.seen_ids for s in rows], [s.output_counts for s in rows],
+        )
+
+    def _finish_step(self, batch: RunningBatch, tokens: list[int]) -> None:
+        """Hand each row of `batch` its token; drop the rows that ended."""
+        assert len(tokens) == len(batch)
+        self._stats["steps"] += 1
+        self._stats["peak_batch"] = max(self._stats["peak_batch"], len(self._batch) + len(batch) * (batch is not self._batch))
+        keep = [i for i, (seq, token) in enumerate(zip(batch.rows, tokens)) if not self._accept(seq, token)]
+        batch.keep(keep)
+
+    def _accept(self, seq: _Sequence, token: int) -> bool:
+        """Record one generated token; returns True when the sequence is finished."""
         seq.generated += 1
+        seq.last_token = token
+        self._stats["tokens_generated"] += 1
         if seq.output_counts is not None:
             seq.output_counts[token] += 1
-        self._stats["tokens_generated"] += 1
-        if token in self._prompts.eos_token_ids:
-            self._finish(seq, delta=seq.detokenizer.flush(), reason="stop")
-            return
+        if seq.seen_ids is not None:
+            seq.seen_ids = torch.cat([seq.seen_ids, torch.tensor([token], device=seq.seen_ids.device)])
+        usage = Usage(prompt_tokens=len(seq.prompt_ids), completion_tokens=seq.generated)
+        if token in self._prompts.eos_token_ids and not seq.params.ignore_eos:
+            self._emit(seq, GenerationChunk(delta=seq.detokenizer.flush(), finish_reason="stop", usage=usage))
+            return True
         delta = seq.detokenizer.push(token)
         if seq.detokenizer.stopped:
-            self._finish(seq, delta=delta, reason="stop")
-            return
+            self._emit(seq, GenerationChunk(delta=delta, finish_reason="stop", usage=usage))
+            return True
         if seq.generated >= seq.max_new_tokens:
-            self._finish(seq, delta=delta + seq.detokenizer.flush(), reason="length")
-            return
-        seq.next_input = torch.tensor([[token]], device=self._device)
-        if seq.params.repetition_penalty != 1.0:
-            seq.seen_ids = torch.cat([seq.seen_ids, seq.next_input[0]])
+            self._emit(seq, GenerationChunk(delta=delta + seq.detokenizer.flush(), finish_reason="length", usage=usage))
+            return True
         if delta:
-            self._emit(seq, GenerationChunk(delta=delta, usage=Usage(len(seq.prompt_ids), seq.generated)))
-
-    def _finish(self, seq: _Sequence, delta: str = "", reason: str = "stop", error: Optional[BaseException] = None) -> None:
-        if seq in self._active:
-            self._active.remove(seq)
-        seq.cache = None
-        usage = Usage(prompt_tokens=len(seq.prompt_ids), completion_tokens=seq.generated)
-        self._emit(seq, error if error is not None else GenerationChunk(delta=delta, finish_reason=reason, usage=usage))
+            self._emit(seq, GenerationChunk(delta=delta, usage=usage))
+        return False
 
     def _emit(self, seq: _Sequence, item) -> None:
         try:

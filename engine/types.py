@@ -33,6 +33,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None
+    ignore_eos: bool = False  # benchmarks: always produce max_new_tokens
 
     @property
     def greedy(self) -> bool:
@@ -88,3 +89,7 @@ class PromptTooLongError(EngineError):
             f"the prompt is {prompt_tokens} tokens, but the model's context is "
             f"{max_model_len} tokens and at least one must be left for the answer"
         )
+
+
+class EngineOverloadedError(EngineError):
+    """The waiting queue is full; the caller should retry later."""

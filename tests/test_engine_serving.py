@@ -131,3 +131,60 @@ def test_concurrent_greedy_answers_match_solo_answers(server):
             return await asyncio.gather(*(client.post(server.url, json=body(p)) for p in prompts))
 
     assert [r.json()["response"] for r in asyncio.run(together())] == solo
+
+
+def test_concurrent_requests_share_decode_steps(server):
+    """Eight streams at once are decoded together: far fewer forward passes than tokens."""
+    before = _health(server)
+
+    async def together():
+        async with httpx.AsyncClient(timeout=300) as client:
+            body = {"prompt": "Write about the sea.", "max_new_tokens": 30, "do_sample": True, "seed": 1}
+            return await asyncio.gather(*(client.post(server.url, json={**body, "seed": i}) for i in range(8)))
+
+    replies = asyncio.run(together())
+    after = _health(server)
+    tokens = after["tokens_generated"] - before["tokens_generated"]
+    steps = after["steps"] - before["steps"]
+    assert tokens == sum(r.json()["usage"]["completion_tokens"] for r in replies)
+    assert steps < tokens / 3, f"{steps} steps for {tokens} tokens: requests were not batched"
+    assert after["peak_batch"] >= 4
+
+
+def test_mixed_sampling_settings_in_one_batch(server):
+    """Greedy, seeded and stop-limited requests batched together each keep their own settings."""
+    greedy = {"prompt": "What is the capital of France?", "do_sample": False, "max_new_tokens": 20}
+    seeded = {"prompt": "Invent a word.", "temperature": 1.2, "top_k": 0, "top_p": 1.0, "seed": 99, "max_new_tokens": 16}
+    short = {"prompt": "Write a long story.", "max_new_tokens": 3}
+    solo_greedy = requests.post(server.url, json=greedy, timeout=120).json()["response"]
+    solo_seeded = requests.post(server.url, json=seeded, timeout=120).json()["response"]
+
+    async def together():
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(client.post(server.url, json=b) for b in (greedy, seeded, short, greedy)))
+
+    g1, s1, sh, g2 = [r.json() for r in asyncio.run(together())]
+    assert g1["response"] == g2["response"] == solo_greedy
+    assert s1["response"] == solo_seeded
+    assert sh["usage"]["completion_tokens"] == 3 and sh["finish_reason"] == "length"
+
+
+def test_queue_limit_gives_503(engine, chat_service):
+    """Past --max-queue, requests are refused with 503 instead of piling up."""
+    from engine.transformers_backend import BatchLimits
+    from tests.conftest import serve
+
+    saved = engine.limits
+    engine.limits = BatchLimits(max_num_seqs=1, kv_cache_tokens=saved.kv_cache_tokens, max_prefill_tokens=saved.max_prefill_tokens, max_queue=1)
+    try:
+        for live in serve(chat_service, None):
+            async def crowd():
+                async with httpx.AsyncClient(timeout=300) as client:
+                    body = {"prompt": "Write a long story.", "max_new_tokens": 40}
+                    return await asyncio.gather(*(client.post(live.url, json=body) for _ in range(6)))
+
+            codes = [r.status_code for r in asyncio.run(crowd())]
+            assert 200 in codes and 503 in codes, codes
+            break
+    finally:
+        engine.limits = saved

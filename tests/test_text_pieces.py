@@ -4,20 +4,29 @@ import pytest
 import torch
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling import apply_repetition_penalty, filter_top_k_top_p, make_generator, sample_next_token
+from engine.sampling import apply_repetition_penalty, filter_top_k_top_p, make_generator, sample_batch
 from engine.types import SamplingParams
 
 
+def _filter(row, k, p):
+    return filter_top_k_top_p(row.unsqueeze(0), torch.tensor([k]), torch.tensor([p]))[0]
+
+
 def test_top_k_keeps_only_k_best():
-    logits = torch.tensor([1.0, 5.0, 3.0, 4.0])
-    out = filter_top_k_top_p(logits, top_k=2, top_p=1.0)
+    out = _filter(torch.tensor([1.0, 5.0, 3.0, 4.0]), 2, 1.0)
     assert torch.isfinite(out).tolist() == [False, True, False, True]
 
 
 def test_top_p_keeps_smallest_nucleus_and_always_the_best():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    assert torch.isfinite(filter_top_k_top_p(logits, 0, 0.7)).tolist() == [True, True, False, False]
-    assert torch.isfinite(filter_top_k_top_p(logits, 0, 0.01)).tolist() == [True, False, False, False]
+    assert torch.isfinite(_filter(logits, 0, 0.7)).tolist() == [True, True, False, False]
+    assert torch.isfinite(_filter(logits, 0, 0.01)).tolist() == [True, False, False, False]
+
+
+def test_rows_keep_their_own_limits():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]]))
+    out = filter_top_k_top_p(logits, torch.tensor([1, 0]), torch.tensor([1.0, 0.9]))
+    assert torch.isfinite(out).tolist() == [[True, False, False, False], [True, True, True, False]]
 
 
 def test_repetition_penalty_lowers_seen_tokens_both_signs():
@@ -26,14 +35,21 @@ def test_repetition_penalty_lowers_seen_tokens_both_signs():
     assert out.tolist() == [1.0, -4.0, 2.0]
 
 
-def test_greedy_ignores_randomness_and_seed_repeats():
-    logits = torch.tensor([0.1, 3.0, 0.2, 2.9])
-    greedy = SamplingParams(do_sample=False)
-    assert sample_next_token(logits, greedy, torch.tensor([], dtype=torch.long), make_generator(None)) == 1
-    sampled = SamplingParams(temperature=1.5, top_k=0, top_p=1.0)
-    draw = lambda seed: [sample_next_token(logits, sampled, torch.tensor([], dtype=torch.long), g) for g in [make_generator(seed)] for _ in range(20)]
-    assert draw(7) == draw(7)
-    assert len(set(draw(7))) > 1  # really sampling, not argmax
+def test_batch_rows_use_their_own_sampling_settings():
+    row = torch.tensor([0.1, 3.0, 0.2, 2.9])
+    logits = torch.stack([row, row, row])
+    settings = [SamplingParams(do_sample=False), SamplingParams(temperature=1.5, top_k=2, top_p=1.0),
+                SamplingParams(temperature=1.5, top_k=0, top_p=1.0)]
+
+    def draw(seed):
+        gens = [make_generator(seed) for _ in settings]
+        return [sample_batch(logits, settings, gens) for _ in range(40)]
+
+    runs = draw(7)
+    assert all(r[0] == 1 for r in runs)  # greedy row: always the argmax
+    assert {r[1] for r in runs} == {1, 3}  # top-k 2 row: only the two best, both drawn
+    assert len({r[2] for r in runs}) > 2  # unrestricted row: the whole vocabulary
+    assert draw(7) == runs  # the same seeds give the same draws
 
 
 class _CharTokenizer:

@@ -1,0 +1,266 @@
+"""Serving benchmark: N concurrent streaming clients against an OpenAI-compatible or EAS endpoint.
+
+    .venv/bin/python bench/serve_bench.py --url http://127.0.0.1:8000 --api openai-chat
+    .venv/bin/python bench/serve_bench.py --url http://127.0.0.1:8000 --api eas --concurrency 1 8
+    .venv/bin/python bench/serve_bench.py --start-server      # starts webui_server.py itself
+
+For each concurrency level, that many clients send streaming requests from a
+fixed prompt set (fixed output length: max_tokens with ignore_eos where the
+server supports it) until `rounds` x N requests are done. Metrics follow
+vLLM's benchmark definitions: TTFT (request sent -> first token), TPOT
+((E2E - TTFT) / (output tokens - 1)), ITL (gaps between streamed chunks),
+E2E latency, requests/s and output tokens/s over the level's wall time.
+Writes a JSON report and a PNG plot (throughput and TTFT vs concurrency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle works.",
+    "Describe the water cycle to a child.",
+    "What are the benefits of regular exercise?",
+    "Write a poem about autumn leaves.",
+    "Explain the rules of chess briefly.",
+    "Describe a busy market in the morning.",
+    "Why is the sky blue?",
+]
+
+
+@dataclass
+class Result:
+    ttft: float = 0.0
+    e2e: float = 0.0
+    output_tokens: int = 0
+    itl: list[float] = field(default_factory=list)
+    error: Optional[str] = None
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _summary(values: list[float]) -> dict:
+    return {"mean": round(statistics.fmean(values), 4) if values else None,
+            **{f"p{int(q * 100)}": round(_pct(values, q), 4) for q in (0.5, 0.9, 0.99)}}
+
+
+IGNORE_EOS = {"ignore_eos": True}  # emptied by --no-ignore-eos, for servers that refuse the field
+
+
+async def _stream_openai(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, token: str) -> Result:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}, "temperature": 0.8, "top_p": 0.95, **IGNORE_EOS}
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    res, start, last, chunks = Result(), time.perf_counter(), None, 0
+    async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
+        if r.status_code != 200:
+            return Result(error=f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                res.output_tokens = data["usage"]["completion_tokens"]
+            choices = data.get("choices") or []
+            if choices and choices[0].get("delta", {}).get("content"):
+                now = time.perf_counter()
+                if last is None:
+                    res.ttft = now - start
+                else:
+                    res.itl.append(now - last)
+                last, chunks = now, chunks + 1
+    res.e2e = time.perf_counter() - start
+    res.output_tokens = res.output_tokens or chunks
+    return res
+
+
+async def _stream_eas(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, token: str) -> Result:
+    body = {"prompt": prompt, "max_new_tokens": max_tokens, "use_stream_chat": True, "temperature": 0.8, "top_p": 0.95}
+    headers = {"Authorization": token} if token else {}
+    res, start, last, buffer = Result(), time.perf_counter(), None, b""
+    async with client.stream("POST", url + "/", json=body, headers=headers) as r:
+        if r.status_code != 200:
+            return Result(error=f"HTTP {r.status_code}")
+        async for chunk in r.aiter_bytes():
+            buffer += chunk
+            while b"\0" in buffer:
+                frame, buffer = buffer.split(b"\0", 1)
+                data = json.loads(frame)
+                now = time.perf_counter()
+                if last is None:
+                    res.ttft = now - start
+                else:
+                    res.itl.append(now - last)
+                last = now
+                if "usage" in data:
+                    res.output_tokens = data["usage"]["completion_tokens"]
+    res.e2e = time.perf_counter() - start
+    return res
+
+
+async def run_level(url: str, api: str, model: str, concurrency: int, rounds: int, max_tokens: int, token: str) -> dict:
+    send = _stream_openai if api == "openai-chat" else _stream_eas
+    total = concurrency * rounds
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(i)
+    results: list[Result] = []
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
+        async def worker() -> None:
+            while True:
+                try:
+                    i = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                try:
+                    results.append(await send(client, url, model, PROMPTS[i % len(PROMPTS)], max_tokens, token))
+                except httpx.HTTPError as exc:
+                    results.append(Result(error=repr(exc)))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        duration = time.perf_counter() - started
+    ok = [r for r in results if r.error is None]
+    tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if r.error})[:3],
+        "duration_s": round(duration, 2),
+        "request_throughput": round(len(ok) / duration, 3),
+        "output_token_throughput": round(sum(r.output_tokens for r in ok) / duration, 2),
+        "mean_output_tokens": round(statistics.fmean(r.output_tokens for r in ok), 1) if ok else 0,
+        "ttft_s": _summary([r.ttft for r in ok]),
+        "tpot_s": _summary(tpot),
+        "itl_s": _summary([x for r in ok for x in r.itl]),
+        "e2e_s": _summary([r.e2e for r in ok]),
+    }
+
+
+async def disconnect_check(url: str, token: str) -> dict:
+    """Start a long stream, leave after a few chunks, and count what the engine generates afterwards."""
+    headers = {"Authorization": token} if token else {}
+    async with httpx.AsyncClient(timeout=60) as client:
+        async def engine() -> dict:
+            return (await client.get(url + "/health", headers=headers)).json()["engine"]
+
+        body = {"messages": [{"role": "user", "content": "Write a very long essay about the sea."}], "max_tokens": 1000,
+                "stream": True, "ignore_eos": True}
+        async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
+            seen = 0
+            async for line in r.aiter_lines():
+                seen += line.startswith("data: ")
+                if seen >= 8:
+                    break
+        left_at = time.perf_counter()
+        at_disconnect = (await engine())["tokens_generated"]
+        stopped_after = None
+        while time.perf_counter() - left_at < 3:
+            state = await engine()
+            if state["running"] == 0 and stopped_after is None:
+                stopped_after = time.perf_counter() - left_at
+            await asyncio.sleep(0.02)
+        final = (await engine())["tokens_generated"]
+    return {"tokens_generated_after_disconnect": final - at_disconnect, "slot_freed_after_s": round(stopped_after, 3) if stopped_after is not None else None}
+
+
+def plot(levels: list[dict], path: Path, label: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [lv["concurrency"] for lv in levels]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(x, [lv["output_token_throughput"] for lv in levels], "o-", label=label)
+    a.set_xlabel("concurrent streams"); a.set_ylabel("output tokens/s"); a.set_title("Throughput"); a.grid(alpha=0.3)
+    b.plot(x, [lv["ttft_s"]["p50"] for lv in levels], "o-", label=label)
+    b.set_xlabel("concurrent streams"); b.set_ylabel("TTFT p50 (s)"); b.set_title("Time to first token"); b.grid(alpha=0.3)
+    for ax in (a, b):
+        ax.set_xscale("log", base=2); ax.set_xticks(x); ax.set_xticklabels(x); ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--api", choices=["openai-chat", "eas"], default="openai-chat")
+    parser.add_argument("--model", default=None, help="model name for OpenAI requests; default: the first of /v1/models")
+    parser.add_argument("--token", default="")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client at each level")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--label", default="chatllm-webui")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--start-server", action="store_true", help="start webui_server.py (temporary knowledge dir)")
+    parser.add_argument("--disconnect-check", action="store_true", help="also measure compute spent after a client leaves")
+    parser.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (answers may end early)")
+    args = parser.parse_args()
+    if args.no_ignore_eos:
+        IGNORE_EOS.clear()
+
+    async def go(url: str) -> dict:
+        model = args.model
+        if model is None and args.api == "openai-chat":
+            headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+            model = httpx.get(url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+        await run_level(url, args.api, model, 1, 1, 8, args.token)  # warm-up
+        levels = []
+        for n in args.concurrency:
+            level = await run_level(url, args.api, model, n, args.rounds, args.max_tokens, args.token)
+            print(json.dumps({k: level[k] for k in ("concurrency", "output_token_throughput", "request_throughput", "failed")} | {"ttft_p50": level["ttft_s"]["p50"]}), flush=True)
+            levels.append(level)
+        report = {"label": args.label, "url": url, "api": args.api, "model": model, "max_tokens": args.max_tokens, "levels": levels}
+        if args.disconnect_check:
+            report["disconnect"] = await disconnect_check(url, args.token)
+        return report
+
+    if args.start_server:
+        import tempfile
+
+        from bench.server_process import running_server
+
+        with tempfile.TemporaryDirectory() as kb, running_server(["--knowledge-dir", kb, "--api-only"]) as url:
+            report = asyncio.run(go(url))
+    else:
+        report = asyncio.run(go(args.url.rstrip("/")))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"serve_{args.label}_{args.api}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    plot(report["levels"], stem.with_suffix(".png"), args.label)
+    by = {lv["concurrency"]: lv for lv in report["levels"]}
+    if 1 in by and by[1]["output_token_throughput"]:
+        summary = {f"tok/s@{n}": by[n]["output_token_throughput"] for n in by}
+        if 32 in by:
+            summary["scaling_32_vs_1"] = round(by[32]["output_token_throughput"] / by[1]["output_token_throughput"], 2)
+        if 8 in by:
+            summary["ttft_p50_8_vs_1"] = round(by[8]["ttft_s"]["p50"] / by[1]["ttft_s"]["p50"], 2)
+        report["summary"] = summary
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+        print(json.dumps(summary | ({"disconnect": report["disconnect"]} if "disconnect" in report else {}), indent=2))
+    print(f"report: {stem.with_suffix('.json')}  plot: {stem.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The running batch: one left-padded KV cache shared by every active sequence.
+
+Sequences join after a (batched) prefill and leave when they finish; each
+decode step is one forward pass over all of them. Left padding keeps every
+row's newest token in the last column, so one [B, 1] input advances them all;
+the attention mask hides the padding and position ids count only real tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=list(kv))
+
+
+def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """Zero-pad `n` positions in front along `dim` (the sequence axis)."""
+    if n == 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [n, 0]
+    return F.pad(t, pad)
+
+
+class RunningBatch:
+    """Rows (sequences), their shared KV cache, and the attention mask [B, L]."""
+
+    def __init__(self) -> None:
+        self.rows: list[Any] = []
+        self.cache = None
+        self.mask: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def width(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def add(self, rows: Sequence[Any], cache, mask: torch.Tensor) -> None:
+        """Merge freshly prefilled rows (their own left-padded cache and mask) into the batch."""
+        if not self.rows:
+            self.rows, self.cache, self.mask = list(rows), cache, mask
+            return
+        width = max(self.width, mask.shape[1])
+        mine, theirs = _kv(self.cache), _kv(cache)
+        merged = []
+        for (k1, v1), (k2, v2) in zip(mine, theirs):
+            k = torch.cat([_pad_left(k1, width - k1.shape[-2], -2), _pad_left(k2, width - k2.shape[-2], -2)])
+            v = torch.cat([_pad_left(v1, width - v1.shape[-2], -2), _pad_left(v2, width - v2.shape[-2], -2)])
+            merged.append((k, v))
+        self.cache = _cache(merged)
+        self.mask = torch.cat([_pad_left(self.mask, width - self.width, 1), _pad_left(mask, width - mask.shape[1], 1)])
+        self.rows.extend(rows)
+
+    def keep(self, keep_rows: Sequence[int]) -> None:
+        """Keep only these row indices; drop columns that are padding in every remaining row."""
+        if len(keep_rows) == len(self.rows):
+            return
+        if not keep_rows:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        index = torch.tensor(keep_rows, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        # leading columns no remaining row uses
+        used = mask.sum(0) > 0
+        start = int(torch.nonzero(used)[0]) if bool(used.any()) else 0
+        self.cache = _cache([(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in _kv(self.cache)])
+        self.mask = mask[:, start:].contiguous()
+        self.rows = [self.rows[i] for i in keep_rows]
+
+    def step_inputs(self, tokens: Sequence[int]) -> dict:
+        """Inputs for one decode step: each row's last token, extended mask, per-row positions."""
+        device = self.mask.device
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=device)], dim=1)
+        positions = self.mask.sum(1, keepdim=True) - 1
+        return {
+            "input_ids": torch.tensor([[t] for t in tokens], device=device),
+            "attention_mask": self.mask,
+            "position_ids": positions,
+            "past_key_values": self.cache,
+            "use_cache": True,
+        }
+
+
+def prefill_inputs(prompts: Sequence[Sequence[int]], pad_id: int, device) -> dict:
+    """Left-padded inputs for prefilling several prompts in one forward pass."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "position_ids": positions.to(device),
+        "use_cache": True,
+    }
