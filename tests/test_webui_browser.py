@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import requests
@@ -49,23 +50,50 @@ def _bot_texts(page: Page, window: str = "#chat-window") -> list[str]:
     return [t.strip() for t in page.locator(f'{window} [data-testid="bot"]').all_inner_texts()]
 
 
+def _settled(page: Page, window: str = "#chat-window", quiet: float = 1.0) -> list[str]:
+    """The answers once the page has stopped changing for `quiet` seconds."""
+    last, since = None, time.monotonic()
+    while True:
+        now = _bot_texts(page, window)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return now
+        time.sleep(0.1)
+
+
 def _engine(server) -> dict:
     return requests.get(server.url + "/health", timeout=10).json()["engine"]
 
 
 def _set_max_tokens(page: Page, value: int, prefix: str = "chat") -> None:
-    page.locator(f"#{prefix}-params").get_by_text("Parameters").click()
+    accordion = page.locator(f"#{prefix}-params")
     box = page.locator(f"#{prefix}-max-new-tokens input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-    expect(page.locator(f"#{prefix}-max-new-tokens input[type=range]")).to_have_value(str(value))
+    if not box.is_visible():
+        accordion.get_by_text("Parameters").click()
+    slider = page.locator(f"#{prefix}-max-new-tokens input[type=range]")
+    for _ in range(5):  # the page may still be wiring its events; retry until the slider follows
+        box.fill(str(value))
+        box.press("Enter")
+        box.press("Tab")
+        try:
+            expect(slider).to_have_value(str(value), timeout=2_000)
+            return
+        except AssertionError:
+            continue
+    expect(slider).to_have_value(str(value))
 
 
-def _wait_idle(server, timeout: float = 120) -> None:
+def _wait_idle(server, timeout: float = 120, requests_before: Optional[int] = None) -> None:
+    """Wait until the engine has taken the request (when `requests_before` is given) and is idle again."""
     deadline = time.monotonic() + timeout
-    while _engine(server)["running"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.5)  # the last throttled update reaches the page
+    while time.monotonic() < deadline:
+        state = _engine(server)
+        taken = requests_before is None or state["requests"] > requests_before
+        if taken and state["running"] == 0 and state["waiting"] == 0:
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)  # the last update reaches the page
 
 
 def _send(page: Page, text: str, box: str = "#chat-input textarea", button: str | None = None) -> None:
@@ -83,13 +111,14 @@ def test_page_title_status_and_streamed_answer(page, server, artifacts):
     page.screenshot(path=artifacts / "01-page.png", full_page=True)
 
     _set_max_tokens(page, 60)
+    requests_before = _engine(server)["requests"]
     _send(page, "Write a short poem about the sea.", button="#chat-send")
     expect(page.locator('#chat-window [data-testid="user"]')).to_have_text("Write a short poem about the sea.")
     page.wait_for_function("() => { const b = document.querySelectorAll('#chat-window [data-testid=\"bot\"]'); return b.length && b[b.length-1].innerText.trim().length > 0; }", timeout=60_000)
     early = _bot_texts(page)[-1]
     page.screenshot(path=artifacts / "02-streaming.png", full_page=True)
-    _wait_idle(server)
-    final = _bot_texts(page)[-1]
+    _wait_idle(server, requests_before=requests_before)
+    final = _settled(page)[-1]
     page.screenshot(path=artifacts / "03-answered.png", full_page=True)
     assert len(final) > len(early), "the answer should grow while it streams"
     assert final.startswith(early[: max(1, len(early) - 2)])
@@ -118,14 +147,15 @@ def test_stop_ends_the_generation_on_the_server(page, server, artifacts):
 def test_regenerate_and_clear(page, server, artifacts):
     _set_max_tokens(page, 30)
     page.locator("#chat-do-sample input").uncheck()
+    before = _engine(server)["requests"]
     _send(page, "Name one fruit.")
-    page.wait_for_function("() => document.querySelectorAll('#chat-window [data-testid=\"bot\"]').length == 1", timeout=60_000)
-    _wait_idle(server)
-    first = _bot_texts(page)
+    _wait_idle(server, requests_before=before)
+    first = _settled(page)
+    assert len(first) == 1 and first[0]
+    before = _engine(server)["requests"]
     page.click("#chat-regenerate")
-    time.sleep(1.0)
-    _wait_idle(server)
-    assert _bot_texts(page) == first  # greedy: the same single answer again, not a second one
+    _wait_idle(server, requests_before=before)
+    assert _settled(page) == first  # greedy: the same single answer again, not a second one
     assert page.locator('#chat-window [data-testid="user"]').count() == 1
     page.click("#chat-clear")
     expect(page.locator('#chat-window [data-testid="user"]')).to_have_count(0)
@@ -141,6 +171,7 @@ def test_errors_are_shown_in_the_page(page, server, artifacts):
 
 def test_two_browsers_keep_separate_histories(browser, server, artifacts):
     pages = []
+    requests_before = _engine(server)["requests"]
     for secret in ("Alice", "Bob"):
         context = browser.new_context(viewport={"width": 1000, "height": 800})
         page = context.new_page()
@@ -149,8 +180,9 @@ def test_two_browsers_keep_separate_histories(browser, server, artifacts):
         _set_max_tokens(page, 40)
         _send(page, f"My name is {secret}.")
         pages.append((secret, context, page))
-    for secret, _, page in pages:
-        page.wait_for_function("() => document.querySelectorAll('#chat-window [data-testid=\"bot\"]').length >= 1", timeout=120_000)
+    _wait_idle(server)
+    while _engine(server)["requests"] < requests_before + 2:
+        time.sleep(0.1)
     _wait_idle(server)
     for secret, context, page in pages:
         users = page.locator('#chat-window [data-testid="user"]').all_inner_texts()
