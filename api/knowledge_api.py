@@ -11,7 +11,7 @@ from starlette.datastructures import UploadFile
 
 from api.auth import require_token
 from api.errors import APIError
-from knowledge.names import NameError_, safe_file_name
+from knowledge.names import NameError_, check_kb_name, safe_file_name
 from knowledge.service import KnowledgeService, Upload
 
 router = APIRouter(prefix="/api/knowledge", tags=["knowledge"], dependencies=[Depends(require_token)])
@@ -53,7 +53,7 @@ async def get_job(job_id: str, request: Request) -> dict:
 )
 async def upload_files(kb: str, request: Request, wait: bool = Query(False, description="answer when the job is finished")) -> JSONResponse:
     service = _service(request)
-    service.validate_name(kb)
+    check_kb_name(kb)  # before any upload is read
     limits = service.config
     max_bytes = int(limits.max_upload_mb * 1024 * 1024)
     declared = request.headers.get("content-length")

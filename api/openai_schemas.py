@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from api.schemas import LenientBool
 from chat import ChatRequest, KnowledgeQuery
@@ -14,6 +14,12 @@ MAX_N = 8
 MAX_STOP = 16
 # OpenAI's own newer name for the system role
 ROLE_ALIASES = {"developer": "system"}
+UNSUPPORTED = {
+    "logprobs": "logprobs are not supported by this server",
+    "tools": "tool calling is not supported by this server",
+    "echo": "echoing the prompt is not supported by this server",
+    "suffix": "insertion (suffix) is not supported by this server",
+}
 
 
 class StreamOptions(BaseModel):
@@ -53,11 +59,12 @@ class _Common(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         return value
 
-    @field_validator("logprobs")
+    @field_validator("logprobs", "tools", "echo", "suffix", check_fields=False)
     @classmethod
-    def _no_logprobs(cls, value):
-        if value not in (None, False, 0):
-            raise ValueError("logprobs are not supported by this server")
+    def _unsupported(cls, value, info: ValidationInfo):
+        """Features this server does not have are refused, never silently ignored."""
+        if value:
+            raise ValueError(UNSUPPORTED[info.field_name])
         return value
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -128,13 +135,6 @@ class ChatCompletionRequest(_Common):
             raise ValueError("the last message must be from the user")
         return messages
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value):
-        if value:
-            raise ValueError("tool calling is not supported by this server")
-        return value
-
     @field_validator("response_format")
     @classmethod
     def _text_only(cls, value):
@@ -175,20 +175,6 @@ class CompletionRequest(_Common):
     def _prompts(cls, value):
         if isinstance(value, list) and not value:
             raise ValueError("must hold at least one prompt")
-        return value
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("echoing the prompt is not supported by this server")
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value):
-        if value:
-            raise ValueError("insertion (suffix) is not supported by this server")
         return value
 
     @model_validator(mode="after")

@@ -27,17 +27,13 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.server_process import ROOT, running_server  # noqa: E402
+from bench.stats import percentile  # noqa: E402
 
 DEFAULT_SET = ROOT.parent / "shared" / "rag-dev"
 
 
 def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def evaluate(url: str, token: str, dataset: Path, kb: str, extra_rounds: int = 4) -> dict:
@@ -81,7 +77,7 @@ def evaluate(url: str, token: str, dataset: Path, kb: str, extra_rounds: int = 4
         "retrieval": {g: rates(v) for g, v in groups.items() if v},
         "misses@3": [q["id"] for q, f in zip([q for q in questions if q["doc"]], groups["all"]) if f is None or f >= 3],
         "unanswerable": unanswerable,
-        "search_latency_ms": {"p50": round(statistics.median(latencies), 1), "p99": round(_percentile(latencies, 0.99), 1), "n": len(latencies)},
+        "search_latency_ms": {"p50": round(statistics.median(latencies), 1), "p99": round(percentile(latencies, 0.99), 1), "n": len(latencies)},
     }
 
 

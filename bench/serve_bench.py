@@ -28,6 +28,7 @@ from typing import Optional
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.stats import percentile  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -50,16 +51,9 @@ class Result:
     error: Optional[str] = None
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def _summary(values: list[float]) -> dict:
     return {"mean": round(statistics.fmean(values), 4) if values else None,
-            **{f"p{int(q * 100)}": round(_pct(values, q), 4) for q in (0.5, 0.9, 0.99)}}
+            **{f"p{int(q * 100)}": round(percentile(values, q), 4) for q in (0.5, 0.9, 0.99)}}
 
 
 IGNORE_EOS = {"ignore_eos": True}  # emptied by --no-ignore-eos, for servers that refuse the field

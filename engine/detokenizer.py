@@ -22,10 +22,6 @@ class IncrementalDetokenizer:
         self._sent = 0  # how much of _text the caller has received
         self.stopped = False
 
-    @property
-    def text(self) -> str:
-        return self._text[: self._sent]
-
     def push(self, token_id: int) -> str:
         """Add one token; return the text that is now safe to release."""
         if self.stopped:

@@ -252,6 +252,7 @@ class TransformersEngine(Engine):
         self._finish_step(fresh, tokens)
         if fresh:
             self._batch.add(fresh.rows, fresh.cache, fresh.mask)
+            self._stats["peak_batch"] = max(self._stats["peak_batch"], len(self._batch))
 
     @torch.inference_mode()
     def _decode_step(self) -> None:
@@ -272,7 +273,6 @@ class TransformersEngine(Engine):
         """Hand each row of `batch` its token; drop the rows that ended."""
         assert len(tokens) == len(batch)
         self._stats["steps"] += 1
-        self._stats["peak_batch"] = max(self._stats["peak_batch"], len(self._batch) + len(batch) * (batch is not self._batch))
         keep = [i for i, (seq, token) in enumerate(zip(batch.rows, tokens)) if not self._accept(seq, token)]
         batch.keep(keep)
 

@@ -87,11 +87,6 @@ class KnowledgeService:
             raise UnknownKnowledgeBaseError(f"knowledge base {name!r} does not exist; upload files to create it")
         return base
 
-    @staticmethod
-    def validate_name(name: str) -> str:
-        """Check a name before any upload is read."""
-        return check_kb_name(name)
-
     def _get_or_create(self, name: str) -> KnowledgeBase:
         name = check_kb_name(name)
         with self._bases_lock:
@@ -145,7 +140,7 @@ class KnowledgeService:
             sha = hashlib.sha256(upload.data).hexdigest()
             if base.file_state(upload.name, sha) == "unchanged":
                 result.status = "unchanged"
-                result.chunks = next(f["chunks"] for f in base.files() if f["name"] == upload.name)
+                result.chunks = len(base.manifest["files"][upload.name]["chunk_ids"])
                 continue
             try:
                 chunks = self.splitter.split(upload.name, load_file(upload.name, upload.data))

@@ -23,14 +23,9 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium i
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def browser():
     with sync_playwright() as p:
-        # a fresh, empty profile every run
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
-            headless=True, viewport={"width": 1280, "height": 900},
-        )
-        context.close()
+        # launch() starts Chromium on a fresh, empty temporary profile
         instance = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         yield instance
         instance.close()

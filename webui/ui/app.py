@@ -40,7 +40,7 @@ def build_blocks(chat: ChatService, knowledge: Optional[KnowledgeService], concu
                 langchain = LangChainTab(chat, knowledge, refresh)
                 langchain.render(status)
         if knowledge is not None:
-            blocks.load(lambda: (refresh(), *langchain.load_listing(DEFAULT_KB)), None,
+            blocks.load(lambda: (refresh(), *langchain.listing(DEFAULT_KB)), None,
                         [status, langchain.file_table, langchain.delete_choice], queue=False)
     # several browser users stream at once; the engine interleaves them
     blocks.queue(default_concurrency_limit=concurrency)

@@ -85,7 +85,7 @@ class LangChainTab:
         listing = [self.file_table, self.delete_choice]
         self.vectorise.click(self._vectorise, [self.files, self.kb], [self.result, self.kb, self.status, *listing],
                              concurrency_id="ingest", concurrency_limit=1, show_progress_on=[self.result])
-        self.kb.change(self._listing, [self.kb], listing, queue=False)
+        self.kb.change(self.listing, [self.kb], listing, queue=False)
         self.delete.click(self._delete, [self.kb, self.delete_choice], [self.result, self.status, *listing])
         inputs = [self.textbox, self.chatbot, self.kb, self.top_k, *self.params]
         send = self.send.click(self._respond, inputs, [self.textbox, self.chatbot], concurrency_id="chat")
@@ -93,10 +93,8 @@ class LangChainTab:
         self.stop.click(None, None, None, cancels=[send, submit])
         self.clear.click(lambda: ([], ""), None, [self.chatbot, self.textbox], queue=False)
 
-    def load_listing(self, kb: str):
-        return self._listing(kb)
-
-    def _listing(self, kb: str):
+    def listing(self, kb: str):
+        """Rows of the file table and the delete choices for base `kb`."""
         try:
             files = self.knowledge.get(kb).files()
         except (UnknownKnowledgeBaseError, NameError_):
@@ -125,7 +123,7 @@ class LangChainTab:
             progress(fraction, desc=f"{job.state}: {job.chunks_done}/{job.chunks_total} chunks")
             await asyncio.sleep(0.2)
         progress(1.0, desc=job.state)
-        rows, choices = self._listing(kb)
+        rows, choices = self.listing(kb)
         names = sorted(set(self.knowledge.names()) | {DEFAULT_KB})
         return job_report(job), gr.update(choices=names, value=kb), self.refresh_status(), rows, choices
 
@@ -138,7 +136,7 @@ class LangChainTab:
             raise gr.Error(f"{name} is not in knowledge base {kb}.") from None
         except Exception as exc:
             raise gr.Error(to_api_error(exc).message) from None
-        rows, choices = self._listing(kb)
+        rows, choices = self.listing(kb)
         return f"Deleted **{name}** ({removed} chunks) from `{kb}`.", self.refresh_status(), rows, choices
 
     async def _respond(self, prompt, history, kb, top_k, *params):
