@@ -36,14 +36,30 @@ def apply_presence_frequency_penalty(
     return logits - frequency * output_counts - presence * (output_counts > 0).to(logits.dtype)
 
 
-def _mask_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """On rows sorted best-first: True where a token falls outside top-k or the top-p nucleus."""
+# Candidates probed before falling back to a full sort: at temperature 1 the 1024
+# best tokens of this vocabulary hold a 0.95 nucleus for ~97% of rows.
+NUCLEUS_PROBE = 1024
+
+
+def _mask_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 log_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """On rows sorted best-first: True where a token falls outside top-k or the top-p nucleus.
+
+    As in transformers' warpers, top-p is measured after top-k: over a row's own
+    k best when it has a top-k, else over the whole vocabulary. `log_norm` [B]
+    is that whole-vocabulary log-normaliser when `sorted_logits` holds only
+    the best candidates; None means the rows are complete.
+    """
     width = sorted_logits.shape[-1]
     rank = torch.arange(width, device=sorted_logits.device).expand_as(sorted_logits)
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, width)).unsqueeze(1)
-    probs = sorted_logits.softmax(-1)
+    limited = top_k > 0
+    outside_k = rank >= torch.where(limited, top_k, torch.full_like(top_k, width)).unsqueeze(1)
+    kept = sorted_logits.masked_fill(outside_k, float("-inf"))
+    own_norm = kept.logsumexp(-1)
+    norm = own_norm if log_norm is None else torch.where(limited, own_norm, log_norm)
+    probs = (kept - norm.unsqueeze(1)).exp()
     mass_before = probs.cumsum(-1) - probs
-    return (rank >= k) | (mass_before >= top_p.unsqueeze(1))
+    return outside_k | (mass_before >= top_p.unsqueeze(1))
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -58,19 +74,31 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return logits.masked_fill(drop, float("-inf"))
 
 
-def _candidates(rows: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities, token ids) of each row's allowed tokens, best first.
+def _candidates(rows: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per row: (probabilities, token ids) of its allowed tokens, best first.
 
-    A full sort of the vocabulary costs ~2 ms a row; when every row has a top-k,
-    only the best max(k) candidates are sorted, which gives the same result.
+    A full sort of the vocabulary costs ~2 ms a row (over 100 ms a step at 32
+    rows). Sorting only the best candidates gives the same answer whenever they
+    contain the whole allowed set: always for a top-k, and for a bare top-p
+    when the candidates already hold top_p of the probability mass. Rows
+    where they do not are sorted in full.
     """
     vocab = rows.shape[-1]
-    if bool((top_k > 0).all()):
-        values, ids = torch.topk(rows, min(int(top_k.max()), vocab), dim=-1)
-    else:
-        values, ids = torch.sort(rows, dim=-1, descending=True)
-    values = values.masked_fill(_mask_sorted(values, top_k, top_p), float("-inf"))
-    return values.softmax(-1), ids
+    limited = top_k > 0
+    width = min(vocab, max(int(top_k.max()), 0 if bool(limited.all()) else NUCLEUS_PROBE))
+    values, ids = torch.topk(rows, width, dim=-1)
+    log_norm = rows.logsumexp(-1)
+    drop = _mask_sorted(values, top_k, top_p, log_norm)
+    covered = limited | ((values - log_norm.unsqueeze(1)).exp().sum(-1) >= top_p) | (width == vocab)
+    # kept tokens are a prefix of each sorted row; trimming to it makes a row's draw
+    # independent of how wide the batch's candidate search was
+    kept = (~drop).sum(-1).tolist()
+    out = [(values[i, :n].softmax(-1), ids[i, :n]) for i, n in enumerate(kept)]
+    for i in torch.nonzero(~covered).flatten().tolist():
+        full_values, full_ids = torch.sort(rows[i:i + 1], dim=-1, descending=True)
+        n = int((~_mask_sorted(full_values, top_k[i:i + 1], top_p[i:i + 1])).sum())
+        out[i] = (full_values[0, :n].softmax(-1), full_ids[0, :n])
+    return out
 
 
 def sample_batch(
@@ -92,8 +120,7 @@ def sample_batch(
     if greedy:
         for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
             tokens[i] = t
-    # rows with a top-k share one cheap top-k; a top-p without top-k needs the full sort;
-    # rows with neither sample from the whole softmax
+    # rows with neither a top-k nor a top-p sample from the whole softmax
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     free = [i for i in sampled if params[i].top_k <= 0 and params[i].top_p >= 1.0]
     if free:
@@ -101,16 +128,13 @@ def sample_batch(
         probs = (logits[free] / temps).softmax(-1)
         for row, i in enumerate(free):
             tokens[i] = int(torch.multinomial(probs[row], 1, generator=generators[i]))
-    limited = [i for i in sampled if params[i].top_k > 0]
-    nucleus = [i for i in sampled if params[i].top_k <= 0 and params[i].top_p < 1.0]
-    for group in (limited, nucleus):
-        if not group:
-            continue
-        temps = torch.tensor([params[i].temperature for i in group], device=logits.device).unsqueeze(1)
-        top_k = torch.tensor([params[i].top_k for i in group], device=logits.device)
-        top_p = torch.tensor([params[i].top_p for i in group], device=logits.device)
-        probs, ids = _candidates(logits[group] / temps, top_k, top_p)
-        for row, i in enumerate(group):
+    # rows with a top-k or a top-p share one candidate search
+    filtered = [i for i in sampled if i not in free]
+    if filtered:
+        temps = torch.tensor([params[i].temperature for i in filtered], device=logits.device).unsqueeze(1)
+        top_k = torch.tensor([params[i].top_k for i in filtered], device=logits.device)
+        top_p = torch.tensor([params[i].top_p for i in filtered], device=logits.device)
+        for (probs, ids), i in zip(_candidates(logits[filtered] / temps, top_k, top_p), filtered):
             # each request draws from its own generator, so a seed reproduces its text in any batch
-            tokens[i] = int(ids[row, torch.multinomial(probs[row], 1, generator=generators[i])])
+            tokens[i] = int(ids[torch.multinomial(probs, 1, generator=generators[i])])
     return tokens

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling import apply_repetition_penalty, filter_top_k_top_p, make_generator, sample_batch
+from engine.sampling import NUCLEUS_PROBE, _candidates, apply_repetition_penalty, filter_top_k_top_p, make_generator, sample_batch
 from engine.types import SamplingParams
 
 
@@ -50,6 +50,44 @@ def test_batch_rows_use_their_own_sampling_settings():
     assert {r[1] for r in runs} == {1, 3}  # top-k 2 row: only the two best, both drawn
     assert len({r[2] for r in runs}) > 2  # unrestricted row: the whole vocabulary
     assert draw(7) == runs  # the same seeds give the same draws
+
+
+def test_candidate_search_matches_the_full_sort():
+    torch.manual_seed(0)
+    vocab = 8 * NUCLEUS_PROBE
+    sharp = torch.randn(4, vocab) * 6  # nucleus inside the probed candidates
+    flat = torch.randn(4, vocab) * 0.5  # nucleus wider than the probe: the full-sort fallback
+    rows = torch.cat([sharp, flat])
+    top_k = torch.tensor([0, 0, 40, 5, 0, 0, 3000, 0])
+    top_p = torch.tensor([0.95, 0.5, 0.9, 1.0, 0.95, 0.999, 0.8, 0.2])
+    reference = filter_top_k_top_p(rows, top_k, top_p)
+    for i, (probs, ids) in enumerate(_candidates(rows, top_k, top_p)):
+        allowed = torch.nonzero(torch.isfinite(reference[i])).flatten()
+        assert sorted(ids.tolist()) == sorted(allowed.tolist()), f"row {i}"
+        assert torch.allclose(probs, reference[i].softmax(-1)[ids], atol=1e-6)
+    assert len(_candidates(rows, top_k, top_p)[5][1]) > NUCLEUS_PROBE  # the fallback really ran
+
+
+def test_top_p_after_top_k_is_measured_over_the_rows_own_k():
+    # [0.4, 0.3, 0.2, 0.1]: with k=2 the two survivors weigh 0.57/0.43, so p=0.5 keeps one
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]]))
+    out = filter_top_k_top_p(logits, torch.tensor([2, 0]), torch.tensor([0.5, 0.5]))
+    assert torch.isfinite(out).tolist() == [[True, False, False, False], [True, True, False, False]]
+
+
+def test_a_seeded_draw_does_not_depend_on_its_batch_neighbours():
+    torch.manual_seed(1)
+    row = torch.randn(5000) * 3
+    mine = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=5)
+    neighbour = SamplingParams(temperature=1.0, top_k=0, top_p=0.95)
+    gens = [make_generator(5), make_generator(9)]
+    draws_alone, draws_together = [], []
+    g_alone = make_generator(5)
+    for _ in range(30):
+        draws_alone.append(sample_batch(row.unsqueeze(0), [mine], [g_alone])[0])
+        draws_together.append(sample_batch(torch.stack([row, torch.randn(5000)]), [mine, neighbour], gens)[0])
+    assert draws_alone == draws_together
+    assert len(set(draws_alone)) > 1
 
 
 class _CharTokenizer:
