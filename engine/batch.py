@@ -93,18 +93,56 @@ class RunningBatch:
         }
 
 
-def prefill_inputs(prompts: Sequence[Sequence[int]], pad_id: int, device) -> dict:
-    """Left-padded inputs for prefilling several prompts in one forward pass."""
-    width = max(len(p) for p in prompts)
+def prefill_inputs(prompts: Sequence[Sequence[int]], pad_id: int, device, prefixes: Sequence[Any] = ()) -> dict:
+    """Left-padded inputs for prefilling several prompts in one forward pass.
+
+    `prefixes` (PrefixMatch per prompt, optional) give the KV of each prompt's
+    first tokens: only the rest is fed to the model. The cached KV goes in
+    front, left-padded to the longest prefix, and the remaining tokens follow,
+    left-padded too, so a row may hold padding between its two parts; the
+    attention mask hides it and the position ids count only real tokens.
+    """
+    reused = [m.tokens for m in prefixes] if prefixes else [0] * len(prompts)
+    rests = [p[n:] for p, n in zip(prompts, reused)]
+    past, width = max(reused), max(len(r) for r in rests)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    return {
+    mask = torch.zeros((len(prompts), past + width), dtype=torch.long)
+    positions = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, (rest, n) in enumerate(zip(rests, reused)):
+        ids[i, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
+        mask[i, past - n:past] = 1
+        mask[i, past + width - len(rest):] = 1
+        positions[i, width - len(rest):] = torch.arange(n, n + len(rest))
+    inputs = {
         "input_ids": ids.to(device),
         "attention_mask": mask.to(device),
         "position_ids": positions.to(device),
         "use_cache": True,
     }
+    if past:
+        inputs["past_key_values"] = _cache(_stack_prefixes(prefixes, past))
+    return inputs
+
+
+def _stack_prefixes(prefixes: Sequence[Any], past: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One [B, heads, past, dim] key and value tensor per layer; rows without a prefix are zeros."""
+    template = next(m.kv for m in prefixes if m.kv is not None)
+    layers = []
+    for layer, (k0, v0) in enumerate(template):
+        ks, vs = [], []
+        for m in prefixes:
+            if m.kv is None:
+                ks.append(k0.new_zeros((1, k0.shape[1], past, k0.shape[3])))
+                vs.append(v0.new_zeros((1, v0.shape[1], past, v0.shape[3])))
+            else:
+                k, v = m.kv[layer]
+                ks.append(_pad_left(k, past - k.shape[-2], -2))
+                vs.append(_pad_left(v, past - v.shape[-2], -2))
+        layers.append((torch.cat(ks), torch.cat(vs)))
+    return layers
+
+
+def row_kv(cache, mask: torch.Tensor, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A copy of one row's keys and values without padding ([1, heads, tokens, dim] per layer)."""
+    index = torch.nonzero(mask[row]).flatten()
+    return [(k[row:row + 1].index_select(2, index), v[row:row + 1].index_select(2, index)) for k, v in _kv(cache)]

@@ -62,6 +62,11 @@ class EngineConfig:
         default=8192,
         metadata={"help": "most prompt tokens prefilled in one forward pass when several requests join"},
     )
+    prefix_cache_tokens: int = field(
+        default=4096,
+        metadata={"help": "tokens of recent prompts and answers whose KV is kept for reuse by prompts that "
+                          "start the same way (system prompt, earlier turns); 0 turns it off"},
+    )
     max_queue: int = field(
         default=256,
         metadata={"help": "most requests waiting for a batch slot; past it requests get 503"},

@@ -13,6 +13,7 @@ from engine.types import ModelLoadError
 
 
 def _build_transformers(config: EngineConfig, source: ModelSource) -> Engine:
+    from engine.prefix_cache import PrefixCache
     from engine.transformers_backend import BatchLimits, TransformersEngine
 
     model, tokenizer, _ = load_model(source, config)
@@ -25,6 +26,7 @@ def _build_transformers(config: EngineConfig, source: ModelSource) -> Engine:
         model_name=config.served_model_name or source.display_name,
         max_model_len=context_length(model, tokenizer, config.max_model_len),
         limits=BatchLimits(config.max_num_seqs, config.kv_cache_tokens, config.max_prefill_tokens, config.max_queue),
+        prefix_cache=PrefixCache(config.prefix_cache_tokens),
     )
 
 

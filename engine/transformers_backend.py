@@ -14,14 +14,15 @@ import collections
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Sequence
 
 import torch
 
 from engine.base import Engine
-from engine.batch import RunningBatch, prefill_inputs
+from engine.batch import RunningBatch, prefill_inputs, row_kv
 from engine.detokenizer import IncrementalDetokenizer
+from engine.prefix_cache import PrefixCache
 from engine.prompting import PromptBuilder
 from engine.sampling import make_generator, sample_batch
 from engine.types import (
@@ -61,6 +62,7 @@ class _Sequence:
     output_counts: Optional[torch.Tensor] = None  # answer token counts, for presence/frequency penalties
     last_token: int = 0
     generated: int = 0
+    output_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
 
     @property
@@ -70,13 +72,14 @@ class _Sequence:
 
 class TransformersEngine(Engine):
     def __init__(self, model, tokenizer, prompts: PromptBuilder, model_name: str, max_model_len: int,
-                 limits: BatchLimits = BatchLimits()) -> None:
+                 limits: BatchLimits = BatchLimits(), prefix_cache: Optional[PrefixCache] = None) -> None:
         self._model = model
         self._tokenizer = tokenizer
         self._prompts = prompts
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.limits = limits
+        self._prefixes = prefix_cache if prefix_cache is not None else PrefixCache(0)
         self._device = next(model.parameters()).device
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self._inbox: "queue.Queue[_Sequence]" = queue.Queue()
@@ -86,7 +89,8 @@ class TransformersEngine(Engine):
         self._live: dict[str, _Sequence] = {}
         self._live_lock = threading.Lock()
         self._stopping = threading.Event()
-        self._stats = {"requests": 0, "tokens_generated": 0, "aborted": 0, "rejected": 0, "steps": 0, "peak_batch": 0}
+        self._stats = {"requests": 0, "tokens_generated": 0, "aborted": 0, "rejected": 0, "steps": 0, "peak_batch": 0,
+                       "prefill_tokens": 0}
         self._worker = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         self._worker.start()
 
@@ -119,6 +123,7 @@ class TransformersEngine(Engine):
             "waiting": self._inbox.qsize() + len(self._waiting),
             "max_num_seqs": self.limits.max_num_seqs,
             **self._stats,
+            "prefix_cache": self._prefixes.stats(),
         }
 
     def shutdown(self) -> None:
@@ -239,10 +244,17 @@ class TransformersEngine(Engine):
     def _prefill(self, joining: list[_Sequence]) -> None:
         from transformers import DynamicCache
 
-        inputs = prefill_inputs([s.prompt_ids for s in joining], self._pad_id, self._device)
-        cache = DynamicCache()
+        prefixes = [self._prefixes.lookup(s.prompt_ids) for s in joining]
+        inputs = prefill_inputs([s.prompt_ids for s in joining], self._pad_id, self._device, prefixes)
+        cache = inputs.pop("past_key_values", None) or DynamicCache()
         # only the last position's logits are needed: skip the vocabulary projection for the rest
         out = self._model(**inputs, past_key_values=cache, logits_to_keep=1)
+        self._stats["prefill_tokens"] += sum(len(s.prompt_ids) - m.tokens for s, m in zip(joining, prefixes))
+        if self._prefixes.enabled:
+            # requests arriving meanwhile share these prompts' beginnings (the system prompt at least)
+            for i, (seq, match) in enumerate(zip(joining, prefixes)):
+                if match.tokens < len(seq.prompt_ids) - 1:
+                    self._prefixes.store(seq.prompt_ids, row_kv(cache, inputs["attention_mask"], i))
         for seq in joining:
             if seq.params.repetition_penalty != 1.0:
                 seq.seen_ids = torch.tensor(seq.prompt_ids, device=self._device)
@@ -273,13 +285,21 @@ class TransformersEngine(Engine):
         """Hand each row of `batch` its token; drop the rows that ended."""
         assert len(tokens) == len(batch)
         self._stats["steps"] += 1
-        keep = [i for i, (seq, token) in enumerate(zip(batch.rows, tokens)) if not self._accept(seq, token)]
+        keep = []
+        for i, (seq, token) in enumerate(zip(batch.rows, tokens)):
+            if not self._accept(seq, token):
+                keep.append(i)
+            elif self._prefixes.enabled:
+                # a conversation's next prompt starts with this prompt and answer
+                # (the last token was sampled but never fed, so it has no KV yet)
+                self._prefixes.store(seq.prompt_ids + seq.output_ids[:-1], row_kv(batch.cache, batch.mask, i))
         batch.keep(keep)
 
     def _accept(self, seq: _Sequence, token: int) -> bool:
         """Record one generated token; returns True when the sequence is finished."""
         seq.generated += 1
         seq.last_token = token
+        seq.output_ids.append(token)
         self._stats["tokens_generated"] += 1
         if seq.output_counts is not None:
             seq.output_counts[token] += 1
