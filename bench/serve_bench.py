@@ -49,6 +49,7 @@ class Result:
     output_tokens: int = 0
     itl: list[float] = field(default_factory=list)
     error: Optional[str] = None
+    first_wave: bool = False  # one of the level's first N requests, all sent at the same instant
 
 
 def _summary(values: list[float]) -> dict:
@@ -126,9 +127,11 @@ async def run_level(url: str, api: str, model: str, concurrency: int, rounds: in
                 except asyncio.QueueEmpty:
                     return
                 try:
-                    results.append(await send(client, url, model, PROMPTS[i % len(PROMPTS)], max_tokens, token))
+                    result = await send(client, url, model, PROMPTS[i % len(PROMPTS)], max_tokens, token)
                 except httpx.HTTPError as exc:
-                    results.append(Result(error=repr(exc)))
+                    result = Result(error=repr(exc))
+                result.first_wave = i < concurrency
+                results.append(result)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -145,6 +148,9 @@ async def run_level(url: str, api: str, model: str, concurrency: int, rounds: in
         "output_token_throughput": round(sum(r.output_tokens for r in ok) / duration, 2),
         "mean_output_tokens": round(statistics.fmean(r.output_tokens for r in ok), 1) if ok else 0,
         "ttft_s": _summary([r.ttft for r in ok]),
+        # the first wave arrives as one burst; later requests arrive as earlier answers end
+        "ttft_first_wave_s": _summary([r.ttft for r in ok if r.first_wave]),
+        "ttft_later_s": _summary([r.ttft for r in ok if not r.first_wave]),
         "tpot_s": _summary(tpot),
         "itl_s": _summary([x for r in ok for x in r.itl]),
         "e2e_s": _summary([r.e2e for r in ok]),
