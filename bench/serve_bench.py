@@ -10,7 +10,10 @@ server supports it) until `rounds` x N requests are done. Metrics follow
 vLLM's benchmark definitions: TTFT (request sent -> first token), TPOT
 ((E2E - TTFT) / (output tokens - 1)), ITL (gaps between streamed chunks),
 E2E latency, requests/s and output tokens/s over the level's wall time.
-Writes a JSON report and a PNG plot (throughput and TTFT vs concurrency).
+TTFT is also split into the first wave (the level's first N requests, sent
+at one instant) and later requests. The prompt set repeats, so a server with
+a prefix cache sees most prompts again; `--unique-prompts` makes every
+prompt new. Writes a JSON report and a PNG plot (throughput and TTFT vs concurrency).
 """
 
 from __future__ import annotations
@@ -111,7 +114,8 @@ async def _stream_eas(client: httpx.AsyncClient, url: str, model: str, prompt: s
     return res
 
 
-async def run_level(url: str, api: str, model: str, concurrency: int, rounds: int, max_tokens: int, token: str) -> dict:
+async def run_level(url: str, api: str, model: str, concurrency: int, rounds: int, max_tokens: int, token: str,
+                    unique: bool = False) -> dict:
     send = _stream_openai if api == "openai-chat" else _stream_eas
     total = concurrency * rounds
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -127,7 +131,10 @@ async def run_level(url: str, api: str, model: str, concurrency: int, rounds: in
                 except asyncio.QueueEmpty:
                     return
                 try:
-                    result = await send(client, url, model, PROMPTS[i % len(PROMPTS)], max_tokens, token)
+                    prompt = PROMPTS[i % len(PROMPTS)]
+                    if unique:  # only the system prompt is shared: no prompt is ever seen twice
+                        prompt = f"(Request {concurrency}-{i}.) {prompt}"
+                    result = await send(client, url, model, prompt, max_tokens, token)
                 except httpx.HTTPError as exc:
                     result = Result(error=repr(exc))
                 result.first_wave = i < concurrency
@@ -216,6 +223,8 @@ def main() -> None:
     parser.add_argument("--start-server", action="store_true", help="start webui_server.py (temporary knowledge dir)")
     parser.add_argument("--disconnect-check", action="store_true", help="also measure compute spent after a client leaves")
     parser.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (answers may end early)")
+    parser.add_argument("--unique-prompts", action="store_true",
+                        help="make every prompt unique, so a server's prefix cache can only reuse the system prompt")
     args = parser.parse_args()
     if args.no_ignore_eos:
         IGNORE_EOS.clear()
@@ -228,10 +237,11 @@ def main() -> None:
         await run_level(url, args.api, model, 1, 1, 8, args.token)  # warm-up
         levels = []
         for n in args.concurrency:
-            level = await run_level(url, args.api, model, n, args.rounds, args.max_tokens, args.token)
+            level = await run_level(url, args.api, model, n, args.rounds, args.max_tokens, args.token, args.unique_prompts)
             print(json.dumps({k: level[k] for k in ("concurrency", "output_token_throughput", "request_throughput", "failed")} | {"ttft_p50": level["ttft_s"]["p50"]}), flush=True)
             levels.append(level)
-        report = {"label": args.label, "url": url, "api": args.api, "model": model, "max_tokens": args.max_tokens, "levels": levels}
+        report = {"label": args.label, "url": url, "api": args.api, "model": model, "max_tokens": args.max_tokens,
+                  "unique_prompts": args.unique_prompts, "levels": levels}
         if args.disconnect_check:
             report["disconnect"] = await disconnect_check(url, args.token)
         return report

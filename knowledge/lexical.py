@@ -31,20 +31,35 @@ def tokenize(text: str) -> list[str]:
 
 
 class BM25Index:
+    """Postings are numpy arrays (document ids ascending, term counts), so scoring a query term
+    and checking whether a document holds it stay vector operations at 10k+ chunks."""
+
     def __init__(self, texts: Sequence[str], k1: float = 1.5, b: float = 0.75) -> None:
         self._k1, self._b = k1, b
         docs = [Counter(tokenize(t)) for t in texts]
         self._lengths = np.array([sum(d.values()) for d in docs], dtype=np.float32)
         self._avg = float(self._lengths.mean()) if len(docs) else 0.0
-        self._postings: dict[str, list[tuple[int, int]]] = {}
+        self._norm = k1 * (1 - b + b * self._lengths / max(self._avg, 1e-6))
+        building: dict[str, tuple[list[int], list[int]]] = {}
         for i, doc in enumerate(docs):
             for term, tf in doc.items():
-                self._postings.setdefault(term, []).append((i, tf))
+                ids, tfs = building.setdefault(term, ([], []))
+                ids.append(i)
+                tfs.append(tf)
+        self._postings = {t: (np.array(ids, dtype=np.int64), np.array(tfs, dtype=np.float32)) for t, (ids, tfs) in building.items()}
         self._n = len(docs)
 
     def _idf(self, term: str) -> float:
-        df = len(self._postings.get(term, ()))
+        posting = self._postings.get(term)
+        df = len(posting[0]) if posting else 0
         return math.log(1 + (self._n - df + 0.5) / (df + 0.5))
+
+    def _holds(self, term: str, doc: int) -> bool:
+        posting = self._postings.get(term)
+        if posting is None:
+            return False
+        at = int(np.searchsorted(posting[0], doc))
+        return at < len(posting[0]) and int(posting[0][at]) == doc
 
     def coverage(self, query: str, doc: int) -> float:
         """Share of the query's term weight (idf) that document `doc` contains, 0..1."""
@@ -52,20 +67,14 @@ class BM25Index:
         total = sum(self._idf(t) for t in terms)
         if not total:
             return 0.0
-        present = sum(self._idf(t) for t in terms if any(i == doc for i, _ in self._postings.get(t, ())))
-        return present / total
+        return sum(self._idf(t) for t in terms if self._holds(t, doc)) / total
 
     def scores(self, query: str) -> np.ndarray:
         out = np.zeros(self._n, dtype=np.float32)
-        if not self._n:
-            return out
-        norm = self._k1 * (1 - self._b + self._b * self._lengths / max(self._avg, 1e-6))
         for term in set(tokenize(query)):
             posting = self._postings.get(term)
-            if not posting:
+            if posting is None:
                 continue
-            idf = self._idf(term)
-            ids = np.fromiter((i for i, _ in posting), dtype=np.int64, count=len(posting))
-            tfs = np.fromiter((tf for _, tf in posting), dtype=np.float32, count=len(posting))
-            out[ids] += idf * tfs * (self._k1 + 1) / (tfs + norm[ids])
+            ids, tfs = posting
+            out[ids] += self._idf(term) * tfs * (self._k1 + 1) / (tfs + self._norm[ids])
         return out

@@ -147,3 +147,24 @@ def test_a_crash_while_saving_keeps_the_previous_version(tmp_path):
     assert (first / "manifest.json").read_text() == '{"v": 1}'
     second = save_version(tmp_path, lambda d: (d / "manifest.json").write_text('{"v": 3}'))
     assert current_version(tmp_path) == second and not first.exists()
+
+
+def test_bm25_ranks_exact_terms_and_measures_query_coverage():
+    from knowledge.lexical import BM25Index
+
+    texts = [
+        "install with pip install easycv==0.10.0 on linux",
+        "the cat sat on the mat",
+        "模型压缩包括量化和剪枝",
+        "pip is a package manager; pip upgrades packages",
+    ] + [f"filler text number {i} about cats and mats" for i in range(200)]
+    index = BM25Index(texts)
+    scores = index.scores("easycv 0.10.0")
+    assert scores.argmax() == 0 and scores[1:].max() == 0
+    assert index.scores("量化")[2] > 0 and index.scores("量化")[3] == 0
+    pip = index.scores("pip")
+    assert pip[3] > pip[0] > 0  # two mentions in a shorter text beat one
+    assert index.coverage("pip install easycv", 0) == pytest.approx(1.0)
+    assert 0 < index.coverage("pip install easycv", 3) < 0.5  # only the common term
+    assert index.coverage("pip install easycv", 1) == 0.0
+    assert index.coverage("nothing-here", 0) == 0.0 and BM25Index([]).scores("x").shape == (0,)
