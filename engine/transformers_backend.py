@@ -246,7 +246,9 @@ class TransformersEngine(Engine):
 
         prefixes = [self._prefixes.lookup(s.prompt_ids) for s in joining]
         inputs = prefill_inputs([s.prompt_ids for s in joining], self._pad_id, self._device, prefixes)
-        cache = inputs.pop("past_key_values", None) or DynamicCache()
+        cache = inputs.pop("past_key_values", None)
+        if cache is None:
+            cache = DynamicCache()
         # only the last position's logits are needed: skip the vocabulary projection for the rest
         out = self._model(**inputs, past_key_values=cache, logits_to_keep=1)
         self._stats["prefill_tokens"] += sum(len(s.prompt_ids) - m.tokens for s, m in zip(joining, prefixes))
