@@ -181,6 +181,7 @@ class TransformersEngine(Engine):
         while not self._stopping.is_set():
             self._collect(block=not self._batch and not self._waiting)
             self._drop_cancelled()
+            joining: list[_Sequence] = []
             try:
                 joining = self._take_joiners()
                 if joining:
@@ -189,7 +190,9 @@ class TransformersEngine(Engine):
                     self._decode_step()
             except Exception as exc:  # keep serving: fail the requests involved, not the server
                 log.exception("batch step failed")
-                for seq in list(self._batch.rows):
+                # joiners whose prefill failed are in neither the queue nor the batch: tell them too
+                failed = {id(s): s for s in [*joining, *self._batch.rows]}
+                for seq in failed.values():
                     self._emit(seq, EngineError(f"generation failed: {exc}"))
                 self._batch = RunningBatch()
 
