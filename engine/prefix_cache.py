@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -47,9 +47,6 @@ class PrefixCache:
         self.hit_tokens = 0
         self.lookups = 0
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     @property
     def enabled(self) -> bool:
         return self.max_tokens > 0
@@ -78,21 +75,23 @@ class PrefixCache:
         kv = [(k[:, :, :best], v[:, :, :best]) for k, v in self._entries[best_key][1]]
         return PrefixMatch(best, kv)
 
-    def store(self, token_ids: Sequence[int], kv: list[LayerKV]) -> None:
-        """Keep the KV of `token_ids` (one row, already copied out of any batch)."""
+    def store(self, token_ids: Sequence[int], kv: Callable[[], list[LayerKV]]) -> None:
+        """Keep the KV of `token_ids`; `kv` copies it out of the batch, called only if it is kept."""
         n = len(token_ids)
         if not self.enabled or n < self.min_match or n > self.max_tokens:
             return
-        key = tuple(token_ids)
         ids = torch.tensor(token_ids)
-        for other in list(self._entries):
-            held = self._entries[other][0]
-            if len(held) >= n and key == other[:n]:
-                self._entries.move_to_end(other)  # an entry already covers these tokens
+        covered = []
+        for key, (held, _) in self._entries.items():
+            shared = _common_prefix(held, ids)
+            if shared == n:
+                self._entries.move_to_end(key)  # an entry already covers these tokens
                 return
-            if len(held) < n and other == key[:len(held)]:
-                self._drop(other)  # the new entry covers this one
-        self._entries[key] = (ids, kv)
+            if shared == len(held):
+                covered.append(key)  # the new entry covers this one
+        for key in covered:
+            self._drop(key)
+        self._entries[tuple(token_ids)] = (ids, kv())
         self._tokens += n
         while self._tokens > self.max_tokens:
             self._drop(next(iter(self._entries)))

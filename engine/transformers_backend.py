@@ -60,10 +60,16 @@ class _Sequence:
     generator: torch.Generator
     seen_ids: Optional[torch.Tensor] = None  # prompt + answer, for repetition_penalty
     output_counts: Optional[torch.Tensor] = None  # answer token counts, for presence/frequency penalties
-    last_token: int = 0
-    generated: int = 0
     output_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
+
+    @property
+    def generated(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1]
 
     @property
     def reserved_tokens(self) -> int:
@@ -259,7 +265,7 @@ class TransformersEngine(Engine):
             # requests arriving meanwhile share these prompts' beginnings (the system prompt at least)
             for i, (seq, match) in enumerate(zip(joining, prefixes)):
                 if match.tokens < len(seq.prompt_ids) - 1:
-                    self._prefixes.store(seq.prompt_ids, row_kv(cache, inputs["attention_mask"], i))
+                    self._prefixes.store(seq.prompt_ids, lambda i=i: row_kv(cache, inputs["attention_mask"], i))
         for seq in joining:
             if seq.params.repetition_penalty != 1.0:
                 seq.seen_ids = torch.tensor(seq.prompt_ids, device=self._device)
@@ -297,13 +303,11 @@ class TransformersEngine(Engine):
             elif self._prefixes.enabled:
                 # a conversation's next prompt starts with this prompt and answer
                 # (the last token was sampled but never fed, so it has no KV yet)
-                self._prefixes.store(seq.prompt_ids + seq.output_ids[:-1], row_kv(batch.cache, batch.mask, i))
+                self._prefixes.store(seq.prompt_ids + seq.output_ids[:-1], lambda i=i: row_kv(batch.cache, batch.mask, i))
         batch.keep(keep)
 
     def _accept(self, seq: _Sequence, token: int) -> bool:
         """Record one generated token; returns True when the sequence is finished."""
-        seq.generated += 1
-        seq.last_token = token
         seq.output_ids.append(token)
         self._stats["tokens_generated"] += 1
         if seq.output_counts is not None:

@@ -35,11 +35,12 @@ class BM25Index:
     and checking whether a document holds it stay vector operations at 10k+ chunks."""
 
     def __init__(self, texts: Sequence[str], k1: float = 1.5, b: float = 0.75) -> None:
-        self._k1, self._b = k1, b
+        self._k1 = k1
         docs = [Counter(tokenize(t)) for t in texts]
-        self._lengths = np.array([sum(d.values()) for d in docs], dtype=np.float32)
-        self._avg = float(self._lengths.mean()) if len(docs) else 0.0
-        self._norm = k1 * (1 - b + b * self._lengths / max(self._avg, 1e-6))
+        lengths = np.array([sum(d.values()) for d in docs], dtype=np.float32)
+        average = float(lengths.mean()) if len(docs) else 0.0
+        # BM25's length normalisation depends only on the document: computed once, not per query
+        self._norm = k1 * (1 - b + b * lengths / max(average, 1e-6))
         building: dict[str, tuple[list[int], list[int]]] = {}
         for i, doc in enumerate(docs):
             for term, tf in doc.items():

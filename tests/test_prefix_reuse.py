@@ -18,8 +18,8 @@ def _kv(n: int, fill: float) -> list:
 
 def test_longest_common_start_is_reused_and_the_last_token_is_left_to_compute():
     cache = PrefixCache(max_tokens=100, min_match=2)
-    cache.store(list(range(10)), _kv(10, 1.0))
-    cache.store([0, 1, 2, 50, 51, 52, 53], _kv(7, 2.0))
+    cache.store(list(range(10)), lambda: _kv(10, 1.0))
+    cache.store([0, 1, 2, 50, 51, 52, 53], lambda: _kv(7, 2.0))
 
     match = cache.lookup([0, 1, 2, 3, 4, 5, 99])
     assert match.tokens == 6 and match.kv[0][0].shape[2] == 6 and float(match.kv[0][0][0, 0, 0, 0]) == 1.0
@@ -30,16 +30,19 @@ def test_longest_common_start_is_reused_and_the_last_token_is_left_to_compute():
 
 def test_budget_evicts_least_recently_used_and_covered_entries_are_not_duplicated():
     cache = PrefixCache(max_tokens=20, min_match=2)
-    cache.store([1, 2, 3, 4, 5, 6, 7, 8], _kv(8, 1.0))
-    cache.store([1, 2, 3, 4], _kv(4, 1.0))  # already covered by the first entry
+    cache.store([1, 2, 3, 4, 5, 6, 7, 8], lambda: _kv(8, 1.0))
+    def no_copy():
+        raise AssertionError("a covered entry's KV was copied out of the batch")
+
+    cache.store([1, 2, 3, 4], no_copy)  # already covered by the first entry: nothing is copied
     assert cache.stats()["entries"] == 1
-    cache.store([9, 9, 9, 9, 9, 9, 9, 9], _kv(8, 2.0))
+    cache.store([9, 9, 9, 9, 9, 9, 9, 9], lambda: _kv(8, 2.0))
     cache.lookup([1, 2, 3, 4, 5, 0])  # the first entry is now the most recently used
-    cache.store([5, 5, 5, 5, 5, 5, 5, 5], _kv(8, 3.0))
+    cache.store([5, 5, 5, 5, 5, 5, 5, 5], lambda: _kv(8, 3.0))
     assert cache.stats()["tokens"] <= 20
     assert cache.lookup([9, 9, 9, 9, 9, 0]).tokens == 0  # evicted
     assert cache.lookup([1, 2, 3, 4, 5, 0]).tokens == 5
-    cache.store([1, 2, 3, 4, 5, 6, 7, 8, 10, 11], _kv(10, 4.0))  # extends the first entry: it replaces it
+    cache.store([1, 2, 3, 4, 5, 6, 7, 8, 10, 11], lambda: _kv(10, 4.0))  # extends the first entry: it replaces it
     assert cache.stats()["entries"] == 2 and cache.stats()["tokens"] == 18
 
 
