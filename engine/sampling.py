@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -14,7 +14,8 @@ def make_generator(seed: Optional[int]) -> torch.Generator:
     if seed is None:
         generator.seed()
     else:
-        generator.manual_seed(seed)
+        # torch takes seeds in [0, 2**64); n choices add an offset to the request's seed
+        generator.manual_seed(seed % 2**64)
     return generator
 
 
@@ -107,9 +108,35 @@ def sample_batch(
     generators: Sequence[torch.Generator],
     seen_ids: Sequence[Optional[torch.Tensor]] = (),
     output_counts: Sequence[Optional[torch.Tensor]] = (),
+) -> list[Union[int, Exception]]:
+    """Next token for every row of `logits` [B, V]; a row whose settings break sampling gets its exception.
+
+    The rows are sampled together; if that fails (one request's numbers made a
+    probability NaN, say), they are sampled again one by one, so only the rows
+    that fail on their own get an exception and every other request goes on.
+    """
+    try:
+        return list(_sample_rows(logits, params, generators, seen_ids, output_counts))
+    except Exception:
+        out: list[Union[int, Exception]] = []
+        for i in range(len(params)):
+            try:
+                out += _sample_rows(logits[i:i + 1], params[i:i + 1], generators[i:i + 1],
+                                    seen_ids[i:i + 1], output_counts[i:i + 1])
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+
+def _sample_rows(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+    seen_ids: Sequence[Optional[torch.Tensor]],
+    output_counts: Sequence[Optional[torch.Tensor]],
 ) -> list[int]:
-    """Next token for every row of `logits` [B, V]."""
     logits = logits.float()
+    vocab = logits.shape[-1]
     for i, p in enumerate(params):
         if p.repetition_penalty != 1.0 and seen_ids and seen_ids[i] is not None:
             logits[i] = apply_repetition_penalty(logits[i], seen_ids[i], p.repetition_penalty)
@@ -120,9 +147,11 @@ def sample_batch(
     if greedy:
         for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
             tokens[i] = t
+    # a top-k at or past the vocabulary size keeps every token: the same as none
+    top_ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     # rows with neither a top-k nor a top-p sample from the whole softmax
     sampled = [i for i, p in enumerate(params) if not p.greedy]
-    free = [i for i in sampled if params[i].top_k <= 0 and params[i].top_p >= 1.0]
+    free = [i for i in sampled if top_ks[i] == 0 and params[i].top_p >= 1.0]
     if free:
         temps = torch.tensor([params[i].temperature for i in free], device=logits.device).unsqueeze(1)
         probs = (logits[free] / temps).softmax(-1)
@@ -132,7 +161,7 @@ def sample_batch(
     filtered = [i for i in sampled if i not in free]
     if filtered:
         temps = torch.tensor([params[i].temperature for i in filtered], device=logits.device).unsqueeze(1)
-        top_k = torch.tensor([params[i].top_k for i in filtered], device=logits.device)
+        top_k = torch.tensor([top_ks[i] for i in filtered], device=logits.device)
         top_p = torch.tensor([params[i].top_p for i in filtered], device=logits.device)
         for (probs, ids), i in zip(_candidates(logits[filtered] / temps, top_k, top_p), filtered):
             # each request draws from its own generator, so a seed reproduces its text in any batch

@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional, Sequence
+from typing import AsyncIterator, Optional, Sequence, Union
 
 import torch
 
@@ -96,7 +96,7 @@ class TransformersEngine(Engine):
         self._live_lock = threading.Lock()
         self._stopping = threading.Event()
         self._stats = {"requests": 0, "tokens_generated": 0, "aborted": 0, "rejected": 0, "steps": 0, "peak_batch": 0,
-                       "prefill_tokens": 0}
+                       "prefill_tokens": 0, "failed": 0}
         self._worker = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         self._worker.start()
 
@@ -187,20 +187,40 @@ class TransformersEngine(Engine):
         while not self._stopping.is_set():
             self._collect(block=not self._batch and not self._waiting)
             self._drop_cancelled()
-            joining: list[_Sequence] = []
-            try:
-                joining = self._take_joiners()
-                if joining:
-                    self._prefill(joining)
-                if self._batch:
+            joining = self._take_joiners()
+            if joining:
+                self._admit(joining)
+            if self._batch:
+                try:
                     self._decode_step()
-            except Exception as exc:  # keep serving: fail the requests involved, not the server
-                log.exception("batch step failed")
-                # joiners whose prefill failed are in neither the queue nor the batch: tell them too
-                failed = {id(s): s for s in [*joining, *self._batch.rows]}
-                for seq in failed.values():
-                    self._emit(seq, EngineError(f"generation failed: {exc}"))
-                self._batch = RunningBatch()
+                except Exception:  # a forward pass cannot be split by row: fail the batch, keep serving
+                    log.exception("decode step failed")
+                    self._fail(self._batch.rows)
+                    self._batch = RunningBatch()
+
+    def _admit(self, joining: list[_Sequence]) -> None:
+        """Prefill the joiners together; if that fails, one by one, so only a request that fails alone is failed."""
+        try:
+            self._prefill(joining)
+            return
+        except Exception as exc:
+            if len(joining) == 1:
+                log.exception("prefill failed for request %s", joining[0].request_id)
+                self._fail(joining)
+                return
+            log.warning("batched prefill of %d requests failed (%s); prefilling them one by one", len(joining), exc)
+        for seq in joining:
+            try:
+                self._prefill([seq])
+            except Exception:
+                log.exception("prefill failed for request %s", seq.request_id)
+                self._fail([seq])
+
+    def _fail(self, rows: Sequence[_Sequence]) -> None:
+        for seq in rows:
+            self._stats["failed"] += 1
+            # the details are in the log; the client gets a sentence without internals
+            self._emit(seq, EngineError("generation failed for this request; other requests are not affected"))
 
     def _collect(self, block: bool) -> None:
         try:
@@ -283,7 +303,7 @@ class TransformersEngine(Engine):
         out = self._model(**self._batch.step_inputs([s.last_token for s in rows]))
         self._finish_step(self._batch, self._sample(out.logits[:, -1], rows))
 
-    def _sample(self, logits: torch.Tensor, rows: Sequence[_Sequence]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, rows: Sequence[_Sequence]) -> list[Union[int, Exception]]:
         for seq in rows:
             if seq.params.counts_output and seq.output_counts is None:
                 seq.output_counts = torch.zeros(logits.shape[-1], device=logits.device)
@@ -292,13 +312,21 @@ class TransformersEngine(Engine):
             [s.seen_ids for s in rows], [s.output_counts for s in rows],
         )
 
-    def _finish_step(self, batch: RunningBatch, tokens: list[int]) -> None:
-        """Hand each row of `batch` its token; drop the rows that ended."""
+    def _finish_step(self, batch: RunningBatch, tokens: Sequence[Union[int, Exception]]) -> None:
+        """Hand each row of `batch` its token; drop the rows that ended or failed."""
         assert len(tokens) == len(batch)
         self._stats["steps"] += 1
         keep = []
         for i, (seq, token) in enumerate(zip(batch.rows, tokens)):
-            if not self._accept(seq, token):
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                finished = self._accept(seq, token)
+            except Exception as exc:  # this request alone: its neighbours in the batch go on
+                log.warning("request %s failed: %r", seq.request_id, exc)
+                self._fail([seq])
+                continue
+            if not finished:
                 keep.append(i)
             elif self._prefixes.enabled:
                 # a conversation's next prompt starts with this prompt and answer

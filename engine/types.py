@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+#: temperatures below this sample as greedy (as in vLLM): dividing logits by less overflows
+GREEDY_TEMPERATURE = 1e-5
+
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -37,7 +40,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature <= 0.0
+        return not self.do_sample or self.temperature < GREEDY_TEMPERATURE
 
     @property
     def counts_output(self) -> bool:
