@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from knowledge.loaders import ParseLimits
 from knowledge.splitting import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE
 
 
@@ -40,3 +41,28 @@ class KnowledgeConfig:
     )
     max_upload_mb: float = field(default=20.0, metadata={"help": "largest file accepted for the knowledge base, in MB"})
     max_upload_files: int = field(default=20, metadata={"help": "most files accepted in one upload"})
+    max_pages_per_file: int = field(default=1000, metadata={"help": "a PDF with more pages is refused"})
+    max_chunks_per_file: int = field(default=4000, metadata={"help": "a file that splits into more chunks is refused"})
+    max_uncompressed_mb: float = field(
+        default=200.0, metadata={"help": "a .docx whose parts unpack to more than this is refused (zip bombs)"},
+    )
+    max_compression_ratio: float = field(
+        default=100.0, metadata={"help": "a .docx unpacking to more than this many times its size is refused"},
+    )
+    parser_memory_mb: int = field(
+        default=2048,
+        metadata={"help": "address-space limit of the process that parses uploads; a file that needs more fails alone"},
+    )
+    ingest_timeout: float = field(
+        default=900.0, metadata={"help": "seconds an upload job may take (parsing, embedding, saving) before it is failed"},
+    )
+    max_ingest_jobs: int = field(
+        default=8, metadata={"help": "upload jobs queued or running at once; past it uploads get 503 with Retry-After"},
+    )
+
+    def parse_limits(self) -> ParseLimits:
+        return ParseLimits(
+            max_pages=self.max_pages_per_file,
+            max_uncompressed_bytes=int(self.max_uncompressed_mb * 2**20),
+            max_compression_ratio=self.max_compression_ratio,
+        )

@@ -10,7 +10,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
-JOB_STATES = ("queued", "parsing", "embedding", "saving", "done", "failed")
+JOB_STATES = ("queued", "parsing", "embedding", "saving", "done", "failed", "cancelled")
+FINISHED = ("done", "failed", "cancelled")
 
 
 @dataclass
@@ -35,10 +36,19 @@ class Job:
     error: Optional[str] = None
     created_at: float = field(default_factory=time.time)
     finished_at: Optional[float] = None
+    cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def finished(self) -> bool:
-        return self.state in ("done", "failed")
+        return self.state in FINISHED
+
+    def cancel(self) -> None:
+        """Ask the job to stop at its next checkpoint (between files and embedding batches)."""
+        self.cancel_requested.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_requested.is_set()
 
     def as_dict(self) -> dict:
         return {
@@ -73,3 +83,7 @@ class JobRegistry:
     def get(self, job_id: str) -> Optional[Job]:
         with self._lock:
             return self._jobs.get(job_id)
+
+    def unfinished(self, kb: Optional[str] = None) -> list[Job]:
+        with self._lock:
+            return [j for j in self._jobs.values() if not j.finished and (kb is None or j.kb == kb)]

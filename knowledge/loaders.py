@@ -7,14 +7,27 @@ ingestion job reports it for that file and carries on with the others.
 from __future__ import annotations
 
 import io
+import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Callable, Optional
 
+log = logging.getLogger(__name__)
+
 
 class LoaderError(Exception):
     """This file cannot be read; the message says why."""
+
+
+@dataclass(frozen=True)
+class ParseLimits:
+    """What one uploaded file may cost to read; each is a flag (see knowledge/config.py)."""
+
+    max_pages: int = 1000
+    max_uncompressed_bytes: int = 200 * 1024 * 1024
+    max_compression_ratio: float = 100.0
+    max_zip_entries: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -81,24 +94,52 @@ def decode_text(data: bytes) -> str:
     return str(best)
 
 
-def load_text(data: bytes) -> list[Section]:
+def load_text(data: bytes, limits: ParseLimits) -> list[Section]:
     return [Section(decode_text(data).replace("\r\n", "\n").replace("\r", "\n"))]
 
 
 # ---- Word ---------------------------------------------------------------------------
 
 
-def load_docx(data: bytes) -> list[Section]:
-    if not zipfile.is_zipfile(io.BytesIO(data)):
-        raise LoaderError("not a valid .docx file (it is not a zip package)")
+def check_zip_package(data: bytes, limits: ParseLimits, kind: str) -> None:
+    """Refuse zip bombs before anything is inflated: entry count, total size and ratio as declared.
+
+    Python's zipfile never inflates an entry past its declared size, so the
+    declared sizes bound what parsing can take.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as package:
+            entries = package.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError):
+        raise LoaderError(f"not a valid {kind} file (it is not a zip package)") from None
+    if len(entries) > limits.max_zip_entries:
+        raise LoaderError(f"the {kind} package holds {len(entries)} parts; the limit is {limits.max_zip_entries}")
+    inflated = sum(e.file_size for e in entries)
+    if inflated > limits.max_uncompressed_bytes:
+        raise LoaderError(
+            f"the {kind} file unpacks to {inflated / 2**20:.0f} MiB; the limit is "
+            f"{limits.max_uncompressed_bytes / 2**20:.0f} MiB (--max-uncompressed-mb)"
+        )
+    # small packages of plain XML compress well; only a large inflated size with a wild ratio is a bomb
+    if inflated > 8 * 2**20 and inflated / max(len(data), 1) > limits.max_compression_ratio:
+        raise LoaderError(
+            f"the {kind} file unpacks to {inflated / max(len(data), 1):.0f} times its size; "
+            f"the limit is {limits.max_compression_ratio:g} (--max-compression-ratio)"
+        )
+
+
+def load_docx(data: bytes, limits: ParseLimits) -> list[Section]:
+    check_zip_package(data, limits, ".docx")
     import docx
     from docx.opc.exceptions import PackageNotFoundError
     from docx.table import Table
 
     try:
         document = docx.Document(io.BytesIO(data))
-    except (PackageNotFoundError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise LoaderError(f"not a valid .docx file ({exc})") from None
+    except (PackageNotFoundError, KeyError, ValueError, zipfile.BadZipFile, OSError) as exc:
+        # the parser's own words name internals (part paths, XML errors): they go to the log
+        log.info("docx parse failure: %r", exc)
+        raise LoaderError("not a valid .docx file (its package or XML is damaged)") from None
     blocks: list[str] = []
     for block in document.iter_inner_content():
         if isinstance(block, Table):
@@ -126,7 +167,7 @@ def _heading_marker(paragraph) -> str:
 # ---- PDF ----------------------------------------------------------------------------
 
 
-def load_pdf(data: bytes) -> list[Section]:
+def load_pdf(data: bytes, limits: ParseLimits) -> list[Section]:
     from pypdf import PdfReader
     from pypdf.errors import FileNotDecryptedError, PdfReadError
 
@@ -136,19 +177,23 @@ def load_pdf(data: bytes) -> list[Section]:
             # many PDFs are "encrypted" with an empty user password
             if not reader.decrypt(""):
                 raise LoaderError("the PDF is encrypted with a password")
+        pages = len(reader.pages)
+        if pages > limits.max_pages:
+            raise LoaderError(f"the PDF has {pages} pages; the limit is {limits.max_pages} (--max-pages-per-file)")
         sections = [Section(page.extract_text() or "", page=i + 1) for i, page in enumerate(reader.pages)]
     except LoaderError:
         raise
     except FileNotDecryptedError:
         raise LoaderError("the PDF is encrypted with a password") from None
-    except (PdfReadError, ValueError, KeyError, TypeError, OSError) as exc:
-        raise LoaderError(f"not a readable PDF ({exc})") from None
+    except (PdfReadError, ValueError, KeyError, TypeError, OSError, AttributeError, IndexError, RecursionError) as exc:
+        log.info("pdf parse failure: %r", exc)
+        raise LoaderError("not a readable PDF (its structure is damaged)") from None
     return sections
 
 
 # ---- registry -----------------------------------------------------------------------
 
-LOADERS: dict[str, Callable[[bytes], list[Section]]] = {
+LOADERS: dict[str, Callable[[bytes, ParseLimits], list[Section]]] = {
     ".txt": load_text,
     ".md": load_text,
     ".markdown": load_text,
@@ -161,7 +206,7 @@ def supported_extensions() -> list[str]:
     return sorted(LOADERS)
 
 
-def load_file(name: str, data: bytes) -> list[Section]:
+def load_file(name: str, data: bytes, limits: ParseLimits = ParseLimits()) -> list[Section]:
     """Read one uploaded file; raises LoaderError naming what is wrong."""
     ext = PurePath(name).suffix.lower()
     loader = LOADERS.get(ext)
@@ -171,7 +216,7 @@ def load_file(name: str, data: bytes) -> list[Section]:
         )
     if not data:
         raise LoaderError("the file is empty")
-    sections = loader(data)
+    sections = loader(data, limits)
     if not any(s.text.strip() for s in sections):
         what = "no text layer (a scanned PDF?)" if ext == ".pdf" else "no text"
         raise LoaderError(f"the file has {what}")

@@ -16,19 +16,36 @@ from typing import Optional, Sequence
 from knowledge.config import KnowledgeConfig
 from knowledge.embeddings import SentenceEmbedder
 from knowledge.jobs import FileResult, Job, JobRegistry
-from knowledge.loaders import LoaderError, load_file
+from knowledge.loaders import LoaderError
 from knowledge.names import check_kb_name
 from knowledge.rag_prompt import RagPrompt
+from knowledge.sandbox import ParseCancelled, ParserSandbox
 from knowledge.splitting import DocumentSplitter, SplitterSettings
 from knowledge.store import (
     EmptyKnowledgeBaseError,
     FileChunks,
     Hit,
     KnowledgeBase,
+    KnowledgeBaseDeletedError,
+    KnowledgeBaseError,
     UnknownKnowledgeBaseError,
 )
 
 log = logging.getLogger(__name__)
+
+
+class IngestQueueFullError(Exception):
+    """Too many upload jobs are queued or running; the client should retry later."""
+
+    retry_after = 30
+
+
+class _Stop(Exception):
+    """A job checkpoint found the job cancelled or out of time."""
+
+    def __init__(self, state: str, reason: str) -> None:
+        super().__init__(reason)
+        self.state = state
 
 
 @dataclass(frozen=True)
@@ -56,10 +73,15 @@ class KnowledgeService:
         self.root = Path(config.knowledge_dir).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.jobs = JobRegistry()
+        self._futures: dict[str, concurrent.futures.Future] = {}
+        self._submit_lock = threading.Lock()
         self._bases: dict[str, KnowledgeBase] = {}
         self._bases_lock = threading.Lock()
         # one ingestion at a time: embedding is CPU-bound and shares the machine with the model
         self._ingest = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
+        # untrusted files are parsed in a child process with memory and time limits
+        self._sandbox = ParserSandbox(config.parse_limits(), self.settings, config.max_chunks_per_file,
+                                      config.parser_memory_mb)
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             try:
                 name = check_kb_name(folder.name)
@@ -95,10 +117,16 @@ class KnowledgeService:
             return self._bases[name]
 
     def delete_base(self, name: str) -> None:
+        """Cancel the base's jobs, wait for a save in progress, then remove it; nothing it held comes back."""
         base = self.get(name)
+        for job in self.jobs.unfinished(base.name):
+            self.cancel_job(job.id)
+        # held throughout, so an upload to the same name cannot open the folder while it is removed
         with self._bases_lock:
-            self._bases.pop(base.name, None)
-        shutil.rmtree(base.folder, ignore_errors=True)
+            base.mark_deleted()
+            if self._bases.get(base.name) is base:
+                del self._bases[base.name]
+            shutil.rmtree(base.folder, ignore_errors=True)
 
     def total_chunks(self) -> int:
         with self._bases_lock:
@@ -109,30 +137,67 @@ class KnowledgeService:
     def submit(self, kb: str, uploads: Sequence[Upload], rejected: Sequence[FileResult] = ()) -> tuple[Job, concurrent.futures.Future]:
         """Queue an ingestion job; files already refused (bad name, too big) are reported in it."""
         base = self._get_or_create(kb)
-        job = Job(kb=base.name, files=[FileResult(u.name) for u in uploads] + list(rejected))
-        self.jobs.add(job)
-        future = self._ingest.submit(self._run_job, job, base, list(uploads))
+        with self._submit_lock:
+            if len(self.jobs.unfinished()) >= self.config.max_ingest_jobs:
+                raise IngestQueueFullError(
+                    f"{self.config.max_ingest_jobs} upload jobs are already queued or running; retry shortly"
+                )
+            job = Job(kb=base.name, files=[FileResult(u.name) for u in uploads] + list(rejected))
+            self.jobs.add(job)
+            future = self._ingest.submit(self._run_job, job, base, list(uploads))
+            self._futures[job.id] = future
+        future.add_done_callback(lambda _: self._futures.pop(job.id, None))
         return job, future
 
-    def _run_job(self, job: Job, base: KnowledgeBase, uploads: list[Upload]) -> Job:
-        try:
-            self._ingest_files(job, base, uploads)
-            job.state = "done"
-        except Exception as exc:
-            log.exception("ingestion job %s failed", job.id)
-            job.state = "failed"
-            job.error = str(exc)
-            for result in job.files:
-                if result.status == "pending":
-                    result.status, result.reason = "failed", str(exc)
-        job.finished_at = time.time()
+    def cancel_job(self, job_id: str) -> Optional[Job]:
+        """Stop a job: a queued one never starts, a running one stops at its next checkpoint."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        job.cancel()
+        future = self._futures.get(job_id)
+        if future is not None and future.cancel():
+            self._finish(job, "cancelled", "cancelled before it started")
         return job
 
-    def _ingest_files(self, job: Job, base: KnowledgeBase, uploads: list[Upload]) -> None:
+    def _run_job(self, job: Job, base: KnowledgeBase, uploads: list[Upload]) -> Job:
+        deadline = time.monotonic() + self.config.ingest_timeout
+        try:
+            self._ingest_files(job, base, uploads, deadline)
+            self._finish(job, "done")
+        except _Stop as stop:
+            self._finish(job, stop.state, str(stop))
+        except (ParseCancelled, KnowledgeBaseDeletedError):
+            self._finish(job, "cancelled", "cancelled: the job or its knowledge base was deleted")
+        except KnowledgeBaseError as exc:  # the base cannot take files (another embedding model, an old format)
+            self._finish(job, "failed", str(exc))
+        except Exception:
+            log.exception("ingestion job %s failed", job.id)
+            self._finish(job, "failed", "the upload could not be saved because of an internal error; nothing was changed")
+        return job
+
+    @staticmethod
+    def _finish(job: Job, state: str, error: Optional[str] = None) -> None:
+        job.error = error
+        for result in job.files:
+            if result.status == "pending":
+                result.status, result.reason = ("cancelled" if state == "cancelled" else "failed"), error
+        job.state = state
+        job.finished_at = time.time()
+
+    def _checkpoint(self, job: Job, deadline: float) -> None:
+        if job.cancelled:
+            raise _Stop("cancelled", "cancelled on request")
+        if time.monotonic() > deadline:
+            raise _Stop("failed", f"the upload took longer than {self.config.ingest_timeout:g} s (--ingest-timeout)")
+
+    def _ingest_files(self, job: Job, base: KnowledgeBase, uploads: list[Upload], deadline: float) -> None:
+        base.check_writable()
         job.state = "parsing"
         last_of_name = {u.name: i for i, u in enumerate(uploads)}
         parsed: list[tuple[Upload, str, list]] = []
         for i, upload in enumerate(uploads):
+            self._checkpoint(job, deadline)
             result = job.files[i]
             if last_of_name[upload.name] != i:
                 result.status, result.reason = "failed", "the same file name appears again later in this upload"
@@ -143,12 +208,9 @@ class KnowledgeService:
                 result.chunks = len(base.manifest["files"][upload.name]["chunk_ids"])
                 continue
             try:
-                chunks = self.splitter.split(upload.name, load_file(upload.name, upload.data))
-            except LoaderError as exc:
+                chunks = self._sandbox.parse(upload.name, upload.data, deadline, lambda: job.cancelled)
+            except LoaderError as exc:  # this file only: the others are still ingested
                 result.status, result.reason = "failed", str(exc)
-                continue
-            if not chunks:
-                result.status, result.reason = "failed", "the file has no text"
                 continue
             parsed.append((upload, sha, chunks))
 
@@ -157,13 +219,23 @@ class KnowledgeService:
 
         def advance(n: int) -> None:
             job.chunks_done += n
+            self._checkpoint(job, deadline)  # raising here stops embedding between batches
 
         ready = []
         for upload, sha, chunks in parsed:
-            vectors = self.embedder.encode([c.text for c in chunks], progress=advance)
+            try:
+                vectors = self.embedder.encode([c.text for c in chunks], progress=advance)
+            except _Stop:
+                raise
+            except Exception:
+                log.exception("embedding %r failed", upload.name)
+                result = next(r for r in job.files if r.name == upload.name and r.status == "pending")
+                result.status, result.reason = "failed", "the file's text could not be embedded"
+                continue
             ready.append(FileChunks(upload.name, sha, len(upload.data), chunks, vectors))
         if not ready:
             return
+        self._checkpoint(job, deadline)
         job.state = "saving"
         states = {item.name: base.file_state(item.name, item.sha256) for item in ready}
         base.apply(ready)
@@ -194,4 +266,7 @@ class KnowledgeService:
         return Retrieval(hits, self.rag_prompt.render(question, hits), None)
 
     def shutdown(self) -> None:
+        for job in self.jobs.unfinished():
+            job.cancel()
         self._ingest.shutdown(wait=True, cancel_futures=True)
+        self._sandbox.close()

@@ -7,7 +7,6 @@ is about installation when it is embedded and when it is shown as a source.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -15,8 +14,6 @@ from knowledge.loaders import Section
 
 # paragraph, line, then sentence ends (Chinese full-width first), clauses, words
 SEPARATORS = ["\n\n", "\n", "。", "！", "？", "；", "! ", "? ", "; ", ". ", "，", ", ", " ", ""]
-_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
-_FENCE = re.compile(r"^\s*(```|~~~)")
 
 DEFAULT_CHUNK_SIZE = 800
 DEFAULT_CHUNK_OVERLAP = 120
@@ -47,6 +44,27 @@ class Chunk:
     heading: str = ""
 
 
+def markdown_heading(line: str) -> Optional[tuple[int, str]]:
+    """(level, title) of an ATX heading line such as `## Install ##`, else None.
+
+    Plain string operations, linear in the line: a pattern with nested
+    quantifiers here once let a file of spaces stall the server.
+    """
+    level = len(line) - len(line.lstrip("#"))
+    rest = line[level:]
+    if not 1 <= level <= 6 or not rest[:1].isspace():
+        return None
+    title = rest.strip()
+    closing = title.rstrip("#")
+    if closing != title and (not closing or closing[-1].isspace()):
+        title = closing.rstrip()  # an optional closing run of #s after a space
+    return (level, title) if title else None
+
+
+def _is_fence(line: str) -> bool:
+    return line.lstrip().startswith(("```", "~~~"))
+
+
 def markdown_sections(text: str) -> list[tuple[str, str]]:
     """(heading path, body) pairs; headings inside code fences are not headings."""
     sections: list[tuple[str, str]] = []
@@ -61,13 +79,13 @@ def markdown_sections(text: str) -> list[tuple[str, str]]:
         body.clear()
 
     for line in text.split("\n"):
-        if _FENCE.match(line):
+        if _is_fence(line):
             in_fence = not in_fence
-        match = None if in_fence else _HEADING.match(line)
-        if match:
+        heading = None if in_fence else markdown_heading(line)
+        if heading:
             close()
-            level = len(match.group(1))
-            path = [(lvl, title) for lvl, title in path if lvl < level] + [(level, match.group(2).strip())]
+            level, title = heading
+            path = [(lvl, t) for lvl, t in path if lvl < level] + [(level, title)]
         else:
             body.append(line)
     close()

@@ -8,21 +8,33 @@ searched with vectors from a different model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from knowledge.embeddings import SentenceEmbedder
 from knowledge.lexical import BM25Index
-from knowledge.persistence import MANIFEST, current_version, read_json, save_version, write_json
+from knowledge.persistence import (
+    StoredVersion,
+    StoreFormatError,
+    current_version,
+    read_chunks,
+    read_version,
+    save_version,
+    write_version_files,
+)
 from knowledge.splitting import Chunk, SplitterSettings
 
-MANIFEST_FORMAT = 1
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = 2  # 2: chunks in JSON and the index through faiss.write_index (1 pickled them)
 RRF_K = 60  # reciprocal-rank-fusion constant, as in the original RRF paper
 
 
@@ -40,6 +52,14 @@ class UnknownKnowledgeBaseError(KnowledgeBaseError):
 
 class EmptyKnowledgeBaseError(KnowledgeBaseError):
     """The base exists but holds no documents."""
+
+
+class UnusableKnowledgeBaseError(KnowledgeBaseError):
+    """The base's files on disk cannot be loaded (an old format, damage); the message says what to do."""
+
+
+class KnowledgeBaseDeletedError(KnowledgeBaseError):
+    """The base was deleted while this operation waited for it."""
 
 
 @dataclass
@@ -67,17 +87,20 @@ class Hit:
                 "keyword_score": round(self.keyword_score, 4)}
 
 
-def _new_faiss(embedder: SentenceEmbedder):
+def _new_faiss(embedder: SentenceEmbedder, stored: Optional[StoredVersion] = None):
+    """LangChain's FAISS store over a flat inner-product index: empty, or holding a stored version."""
     import faiss
     from langchain_community.docstore.in_memory import InMemoryDocstore
     from langchain_community.vectorstores import FAISS
     from langchain_community.vectorstores.utils import DistanceStrategy
+    from langchain_core.documents import Document
 
+    chunks = stored.chunks if stored else []
     return FAISS(
         embedding_function=embedder,
-        index=faiss.IndexFlatIP(embedder.dimension),
-        docstore=InMemoryDocstore(),
-        index_to_docstore_id={},
+        index=stored.index if stored else faiss.IndexFlatIP(embedder.dimension),
+        docstore=InMemoryDocstore({c["id"]: Document(page_content=c["text"], metadata=c["metadata"]) for c in chunks}),
+        index_to_docstore_id={i: c["id"] for i, c in enumerate(chunks)},
         distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT,
     )
 
@@ -88,11 +111,18 @@ class KnowledgeBase:
         self.folder = folder
         self._embedder = embedder
         self._splitter = splitter
+        # one writer at a time; deletion takes it too, so nothing is saved into a deleted folder
         self._lock = threading.RLock()
+        self.deleted = False
         self._lexical: Optional[BM25Index] = None
         self.manifest = self._empty_manifest()
         self._vectors = _new_faiss(embedder)
-        self._load()
+        self.problem: Optional[str] = None  # why the stored files cannot be loaded
+        try:
+            self._load()
+        except StoreFormatError as exc:
+            # listed as unusable with the reason, so it can be seen and deleted, not silently skipped
+            self.problem = str(exc)
 
     # ---- state -----------------------------------------------------------------------
 
@@ -107,22 +137,21 @@ class KnowledgeBase:
         }
 
     def _load(self) -> None:
+        """State from the version on disk (or empty); also how a failed change is rolled back."""
+        self._lexical = None
         version = current_version(self.folder)
         if version is None:
+            self.manifest, self._vectors = self._empty_manifest(), _new_faiss(self._embedder)
             return
-        from langchain_community.vectorstores import FAISS
-        from langchain_community.vectorstores.utils import DistanceStrategy
-
-        self.manifest = read_json(version / MANIFEST)
-        if self.mismatch() is None:
-            # our own files, written by save(); the pickle holds the chunk texts
-            self._vectors = FAISS.load_local(
-                str(version), self._embedder, allow_dangerous_deserialization=True,
-                distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT,
-            )
+        stored = read_version(version, self.name)
+        self.manifest = stored.manifest
+        # a base built with another model keeps its chunks on disk until /rebuild
+        self._vectors = _new_faiss(self._embedder, stored if self.mismatch() is None else None)
 
     def mismatch(self) -> Optional[str]:
         """Why this base cannot be used with the running embedding model, or None."""
+        if self.problem:
+            return self.problem
         built = self.manifest["embedding"]
         if built["model"] == self._embedder.name and built["dimension"] == self._embedder.dimension:
             return None
@@ -134,6 +163,8 @@ class KnowledgeBase:
         )
 
     def _require_usable(self) -> None:
+        if self.problem:
+            raise UnusableKnowledgeBaseError(self.problem)
         reason = self.mismatch()
         if reason:
             raise EmbeddingMismatchError(reason)
@@ -172,8 +203,7 @@ class KnowledgeBase:
 
     def apply(self, new_files: Sequence[FileChunks]) -> None:
         """Add or replace files (old chunks of a replaced file go), then save atomically."""
-        self._require_usable()
-        with self._lock:
+        with self._changing():
             for item in new_files:
                 self._remove_chunks(item.name)
                 name_key = hashlib.sha1(item.name.encode("utf-8")).hexdigest()[:8]
@@ -193,8 +223,7 @@ class KnowledgeBase:
             self._save()
 
     def delete_file(self, name: str) -> int:
-        self._require_usable()
-        with self._lock:
+        with self._changing():
             if name not in self.manifest["files"]:
                 raise KeyError(name)
             removed = self._remove_chunks(name)
@@ -203,14 +232,16 @@ class KnowledgeBase:
 
     def rebuild(self) -> int:
         """Re-embed every stored chunk with the running model (after a model change)."""
-        with self._lock:
+        with self._changing(require_usable=False):
+            if self.problem:
+                raise UnusableKnowledgeBaseError(self.problem)
             version = current_version(self.folder)
             if version is None:
                 self.manifest = self._empty_manifest()
                 return 0
-            texts = self._stored_texts(version)
+            texts = {c["id"]: c for c in read_chunks(version, self.name)}
             fresh = _new_faiss(self._embedder)
-            for name, entry in self.manifest["files"].items():
+            for entry in self.manifest["files"].values():
                 docs = [texts[i] for i in entry["chunk_ids"]]
                 vectors = self._embedder.encode([d["text"] for d in docs])
                 fresh.add_embeddings(
@@ -220,16 +251,38 @@ class KnowledgeBase:
                 )
             self._vectors = fresh
             self.manifest["embedding"] = {"model": self._embedder.name, "dimension": self._embedder.dimension}
+            self.manifest["format"] = MANIFEST_FORMAT
             self._save()
             return self.chunk_count
 
-    def _stored_texts(self, version: Path) -> dict[str, dict]:
-        """Chunk texts from disk, readable whatever model built the vectors."""
-        import pickle
+    @contextlib.contextmanager
+    def _changing(self, require_usable: bool = True) -> Iterator[None]:
+        """Hold the base for a change; if it fails, memory goes back to what is on disk."""
+        if require_usable:
+            self._require_usable()
+        with self._lock:
+            if self.deleted:
+                raise KnowledgeBaseDeletedError(f"knowledge base {self.name!r} was deleted")
+            try:
+                yield
+            except BaseException:
+                try:
+                    self._load()  # the old version is still the one on disk
+                except Exception as exc:
+                    log.error("knowledge base %r could not be reloaded after a failed change: %s", self.name, exc)
+                    self.problem = str(exc)
+                raise
 
-        with open(version / "index.pkl", "rb") as fh:
-            docstore, _ = pickle.load(fh)  # our own file, written by save_local
-        return {i: {"text": d.page_content, "metadata": d.metadata} for i, d in docstore._dict.items()}
+    def check_writable(self) -> None:
+        """Raise now what a change would raise later (another embedding model, unreadable files, deleted)."""
+        self._require_usable()
+        if self.deleted:
+            raise KnowledgeBaseDeletedError(f"knowledge base {self.name!r} was deleted")
+
+    def mark_deleted(self) -> None:
+        """Called with the folder about to go: waits for a change in progress, refuses later ones."""
+        with self._lock:
+            self.deleted = True
 
     def _remove_chunks(self, name: str) -> int:
         old = self.manifest["files"].pop(name, None)
@@ -240,12 +293,12 @@ class KnowledgeBase:
     def _save(self) -> None:
         self.manifest["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._lexical = None
-
-        def write(folder: Path) -> None:
-            self._vectors.save_local(str(folder))
-            write_json(folder / MANIFEST, self.manifest)
-
-        save_version(self.folder, write)
+        docstore, positions = self._vectors.docstore, self._vectors.index_to_docstore_id
+        chunks = []
+        for position in range(self._vectors.index.ntotal):
+            doc = docstore.search(positions[position])
+            chunks.append({"id": positions[position], "text": doc.page_content, "metadata": doc.metadata})
+        save_version(self.folder, lambda folder: write_version_files(folder, self.manifest, self._vectors.index, chunks))
 
     # ---- search ----------------------------------------------------------------------
 
