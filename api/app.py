@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
-from fastapi import APIRouter, FastAPI
-from fastapi.responses import HTMLResponse
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
 
-from api import eas_http, eas_ws, health, knowledge_api, openai_api
+from api import eas_http, eas_ws, health, knowledge_api, login, openai_api
 from api.config import ServerConfig
-from api.errors import install_error_handlers
+from api.errors import APIError, error_response, install_error_handlers
+from api.guard import GuardPolicy, RequestGuard
+from api.sessions import FailureLimiter, SessionSigner
 from chat import ChatService
 
 if TYPE_CHECKING:
@@ -35,7 +37,26 @@ def build_app(
     app.state.chat = chat
     app.state.knowledge = knowledge
     app.state.started_at = int(time.time())
+    app.state.sessions = SessionSigner(settings.token, settings.session_hours * 3600) if settings.token else None
+    app.state.auth_failures = FailureLimiter(settings.max_auth_failures)
     install_error_handlers(app)
+    if settings.origins():
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=sorted(settings.origins()), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=True)
+    # added last, so it runs first: nothing reaches a route before its checks
+    app.add_middleware(RequestGuard, policy=GuardPolicy(
+        token=settings.token,
+        max_request_bytes=settings.max_request_bytes,
+        max_upload_bytes=max(settings.max_request_bytes, _upload_bytes(knowledge)),
+        max_json_depth=settings.max_json_depth,
+        allowed_origins=settings.origins(),
+        sessions=app.state.sessions,
+        failures=app.state.auth_failures,
+        body_timeout=settings.body_timeout,
+    ))
+    app.include_router(login.router)
     app.include_router(health.router)
     app.include_router(knowledge_api.router)
     app.include_router(openai_api.router)
@@ -44,11 +65,27 @@ def build_app(
     # POST / and the WebSocket at / come before any UI mounted at /, so they win
     app.include_router(eas_http.router)
     app.include_router(eas_ws.router)
+    # an unknown API path is a JSON 404 here, not an HTML or differently shaped one from the page
+    for prefix in ("/v1", "/api"):
+        app.add_api_route(prefix + "/{rest:path}", _no_such_route, include_in_schema=False,
+                          methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     if ui is not None:
         ui(app)
     else:
         app.add_api_route("/", _landing, methods=["GET"], include_in_schema=False)
     return app
+
+
+def _upload_bytes(knowledge: Optional["KnowledgeService"]) -> int:
+    """Largest upload body: every allowed file at the size limit, plus multipart framing."""
+    if knowledge is None:
+        return 0
+    return int(knowledge.config.max_upload_mb * 2**20) * knowledge.config.max_upload_files + 64 * 1024
+
+
+async def _no_such_route(request: Request) -> JSONResponse:
+    return error_response(APIError(404, f"no route {request.method} {request.url.path[:200]}", type_="not_found_error",
+                                   code="route_not_found"))
 
 
 async def _landing() -> HTMLResponse:

@@ -7,12 +7,13 @@ from typing import Any, Optional, Sequence
 
 from pydantic import ValidationError
 
+from api import jsonsafe
 from api.errors import APIError, from_validation_error
 from api.schemas import EASChatRequest
 from chat import ChatEvent
 
 
-def parse_body(raw: bytes, content_type: Optional[str], json_expected: bool = False) -> dict[str, Any]:
+def parse_body(raw: bytes, content_type: Optional[str], json_expected: bool = False, max_depth: int = 32) -> dict[str, Any]:
     """A JSON object is a request whatever its label; other text is the prompt.
 
     Where JSON is expected (a JSON content type, a WebSocket frame), JSON that is
@@ -26,7 +27,9 @@ def parse_body(raw: bytes, content_type: Optional[str], json_expected: bool = Fa
         raise APIError(400, "request body is not valid UTF-8 text", param="body") from None
     declared_json = bool(content_type) and "json" in content_type.lower()
     try:
-        obj = json.loads(text)
+        obj = jsonsafe.loads(text, max_depth)
+    except jsonsafe.JSONRejected as exc:
+        raise APIError(400, str(exc), param="body", code="invalid_json") from None
     except json.JSONDecodeError as exc:
         if declared_json or text.lstrip()[:1] in ("{", "["):
             raise APIError(
@@ -60,11 +63,17 @@ def reply_history(history: Sequence[Sequence[str]], prompt: str, answer: str) ->
     return [list(pair) for pair in history] + [[prompt, answer]]
 
 
-def reply_object(event: ChatEvent, request: EASChatRequest, history: Optional[Sequence] = None) -> dict:
-    """The reply JSON; cumulative `response`, usage and finish_reason once done."""
+def reply_object(event: ChatEvent, request: EASChatRequest, history: Optional[Sequence] = None, full_history: bool = True) -> dict:
+    """The reply JSON; cumulative `response`, usage and finish_reason once done.
+
+    `history` always ends with the current [prompt, answer] pair; intermediate
+    stream frames carry only that pair (`full_history=False`) and the last
+    frame the whole conversation, so a long history is sent once, not per token.
+    """
+    earlier = (request.history if history is None else history) if full_history else ()
     body: dict[str, Any] = {
         "response": event.text,
-        "history": reply_history(request.history if history is None else history, request.prompt, event.text),
+        "history": reply_history(earlier, request.prompt, event.text),
     }
     if event.done:
         body["usage"] = event.usage.as_dict()

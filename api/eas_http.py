@@ -12,14 +12,14 @@ import logging
 import uuid
 from typing import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from api.auth import require_token
-from api.body import read_limited_body
 from api.disconnect import ClientGone, unless_disconnected
 from api.eas_codec import parse_body, reply_object, require_prompt, validate
 from api.errors import error_response, to_api_error
+from api.pacing import CumulativePacer
+from api.schemas import EASChatRequest
 from chat import ChatService
 
 log = logging.getLogger(__name__)
@@ -34,15 +34,19 @@ def _frame(obj: dict) -> bytes:
 
 @router.post(
     "/",
-    dependencies=[Depends(require_token)],
     summary="EAS ChatLLM chat (JSON or plain-text body)",
     response_model=None,
+    # the body is read by hand (plain text or JSON, bounded by the guard); this describes it
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": EASChatRequest.model_json_schema()},
+        "text/plain": {"schema": {"type": "string", "minLength": 1, "description": "the prompt"}},
+    }}},
 )
 async def eas_chat(request: Request) -> Response:
     settings = request.app.state.settings
     chat: ChatService = request.app.state.chat
-    raw = await read_limited_body(request, settings.max_request_bytes)
-    req = validate(parse_body(raw, request.headers.get("content-type")))
+    raw = await request.body()  # the guard has bounded its size
+    req = validate(parse_body(raw, request.headers.get("content-type"), max_depth=settings.max_json_depth))
     require_prompt(req)
     request_id = f"eas-{uuid.uuid4().hex}"
     chat_request = req.to_chat_request()
@@ -62,14 +66,18 @@ async def eas_chat(request: Request) -> Response:
         await events.aclose()
         return error_response(exc)
 
+    pacer = CumulativePacer(len(raw))
+
     async def body() -> AsyncIterator[bytes]:
         async with contextlib.aclosing(events):
             event = first
             try:
-                yield _frame(reply_object(event, req))
-                async for event in events:
-                    if event.delta or event.done:
-                        yield _frame(reply_object(event, req))
+                while not event.done:
+                    frame = _frame(reply_object(event, req, full_history=False))
+                    if event.delta and pacer.allow(len(frame), len(event.text.encode("utf-8"))):
+                        yield frame
+                    event = await anext(events)
+                yield _frame(reply_object(event, req))  # the last frame always goes: usage and the whole history
             except Exception as exc:  # a mid-stream failure is the last frame
                 yield _frame(to_api_error(exc).body())
 

@@ -11,15 +11,18 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chat import KnowledgeUnavailableError
+from chat import KnowledgeUnavailableError, RequestLimitError
 from engine import EngineError, EngineOverloadedError, PromptTooLongError
 from knowledge.loaders import LoaderError
 from knowledge.names import NameError_
+from knowledge.service import IngestQueueFullError
 from knowledge.store import (
     EmbeddingMismatchError,
     EmptyKnowledgeBaseError,
+    KnowledgeBaseDeletedError,
     KnowledgeBaseError,
     UnknownKnowledgeBaseError,
+    UnusableKnowledgeBaseError,
 )
 
 log = logging.getLogger(__name__)
@@ -28,13 +31,15 @@ log = logging.getLogger(__name__)
 class APIError(Exception):
     """An error with its HTTP status, reported as {"error": {...}}."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None) -> None:
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
+                 code: Optional[str] = None, retry_after: Optional[int] = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type_
         self.param = param
         self.code = code
+        self.retry_after = retry_after
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -61,6 +66,14 @@ def to_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, (ValidationError, RequestValidationError)):
         return from_validation_error(exc)
+    if isinstance(exc, RequestLimitError):
+        return APIError(400, str(exc), param=exc.param, code="limit_exceeded")
+    if isinstance(exc, IngestQueueFullError):
+        return APIError(503, str(exc), type_="overloaded_error", code="ingest_queue_full", retry_after=exc.retry_after)
+    if isinstance(exc, UnusableKnowledgeBaseError):
+        return APIError(409, str(exc), type_="conflict_error", param="kb", code="knowledge_base_unusable")
+    if isinstance(exc, KnowledgeBaseDeletedError):
+        return APIError(409, str(exc), type_="conflict_error", param="kb", code="knowledge_base_deleted")
     if isinstance(exc, KnowledgeUnavailableError):
         return APIError(400, f"langchain: {exc}", param="langchain")
     if isinstance(exc, UnknownKnowledgeBaseError):
@@ -76,7 +89,7 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, PromptTooLongError):
         return APIError(400, str(exc), param="prompt", code="context_length_exceeded")
     if isinstance(exc, EngineOverloadedError):
-        return APIError(503, str(exc), type_="overloaded_error", code="server_overloaded")
+        return APIError(503, str(exc), type_="overloaded_error", code="server_overloaded", retry_after=5)
     if isinstance(exc, EngineError):
         return APIError(500, str(exc), type_="server_error")
     log.exception("unexpected error", exc_info=exc)
@@ -85,7 +98,9 @@ def to_api_error(exc: BaseException) -> APIError:
 
 def error_response(exc: BaseException) -> JSONResponse:
     err = to_api_error(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {}
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(err.retry_after)
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
@@ -100,6 +115,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, handle)
     app.add_exception_handler(ValidationError, handle)
     app.add_exception_handler(EngineError, handle)
-    for exc_type in (KnowledgeBaseError, KnowledgeUnavailableError, NameError_):
+    for exc_type in (KnowledgeBaseError, KnowledgeUnavailableError, NameError_, RequestLimitError, IngestQueueFullError):
         app.add_exception_handler(exc_type, handle)
     app.add_exception_handler(StarletteHTTPException, handle_http)

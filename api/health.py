@@ -1,15 +1,23 @@
-"""Liveness and readiness for operators and load balancers."""
+"""Liveness and readiness for operators and load balancers.
+
+Without the token `/health` says only that the service is alive and ready;
+the model, load and knowledge-base names are for those holding the token.
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from api.guard import AUTHENTICATED
+
 router = APIRouter()
 
 
-@router.get("/health", summary="Model and service status")
+@router.get("/health", summary="Service status (details with the token)")
 async def health(request: Request) -> dict:
     state = request.app.state
+    if not request.scope.get(AUTHENTICATED, False):
+        return {"status": "ok", "ready": True}
     return {
         "status": "ok",
         "ready": True,
@@ -19,6 +27,17 @@ async def health(request: Request) -> dict:
         "auth": bool(state.settings.token),
         "knowledge": _knowledge(state.knowledge),
     }
+
+
+@router.get("/health/live", summary="The process is up")
+async def live() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/health/ready", summary="The model is loaded and requests are served")
+async def ready() -> dict:
+    # the app is built only after the model has loaded, so answering at all means ready
+    return {"status": "ok", "ready": True}
 
 
 def _knowledge(service) -> dict:

@@ -6,12 +6,18 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from api.schemas import LenientBool
+from api.schemas import (
+    MAX_NEW_TOKENS,
+    MAX_REPETITION_PENALTY,
+    MAX_SEED,
+    MAX_TOP_K,
+    MIN_REPETITION_PENALTY,
+    LenientBool,
+)
 from chat import ChatRequest, KnowledgeQuery
 from engine import ChatMessage, SamplingParams
 
 MAX_N = 8
-MAX_STOP = 16
 # OpenAI's own newer name for the system role
 ROLE_ALIASES = {"developer": "system"}
 UNSUPPORTED = {
@@ -23,7 +29,7 @@ UNSUPPORTED = {
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     include_usage: LenientBool = False
 
 
@@ -33,15 +39,15 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[int] = Field(None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, description="extension: 0 or -1 disables")
-    repetition_penalty: float = Field(1.0, gt=0.0, description="extension")
+    top_k: int = Field(0, ge=-1, le=MAX_TOP_K, description="extension: 0 or -1 disables")
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, description="extension")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: LenientBool = False
     stream_options: Optional[StreamOptions] = None
@@ -51,13 +57,6 @@ class _Common(BaseModel):
     langchain: LenientBool = False
     kb: str = Field("default", min_length=1, max_length=100)
     top_k_docs: int = Field(3, ge=1, le=50)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, value):
-        if isinstance(value, list) and len(value) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
-        return value
 
     @field_validator("logprobs", "tools", "echo", "suffix", check_fields=False)
     @classmethod
@@ -96,7 +95,7 @@ class _Common(BaseModel):
 
 
 class ChatCompletionMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     role: str
     content: Optional[Union[str, list[dict[str, Any]]]] = None
     name: Optional[str] = None
@@ -120,7 +119,7 @@ class ChatCompletionMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatCompletionMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=MAX_NEW_TOKENS)
     tools: Optional[list[Any]] = None
     response_format: Optional[dict[str, Any]] = None
 
@@ -161,12 +160,13 @@ class ChatCompletionRequest(_Common):
             knowledge=self.knowledge_query(),
             fit_history=False,
             exact_max_tokens=asked is not None,
+            history_param="messages",
         )
 
 
 class CompletionRequest(_Common):
     prompt: Union[str, list[str]]
-    max_tokens: Optional[int] = Field(16, ge=1)
+    max_tokens: Optional[int] = Field(16, ge=1, le=MAX_NEW_TOKENS)
     echo: LenientBool = False
     suffix: Optional[str] = None
 

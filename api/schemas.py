@@ -26,6 +26,16 @@ def _lenient_bool(value):
 
 LenientBool = Annotated[bool, BeforeValidator(_lenient_bool)]
 
+# Protocol bounds, the same on every surface (README, "Limits"). Values the model
+# cannot use are refused here; the few documented clamps happen in the engine
+# (max_new_tokens to the context, top_k past the vocabulary means off,
+# temperature below 1e-5 means greedy).
+MAX_NEW_TOKENS = 1 << 20
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 1_000_000
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_SEED = 2**64 - 1
+
 
 class EASChatRequest(BaseModel):
     """The EAS ChatLLM request body (POST / and WebSocket frames)."""
@@ -35,17 +45,17 @@ class EASChatRequest(BaseModel):
     prompt: str = ""
     system_prompt: str = ""
     history: list[tuple[str, str]] = Field(default_factory=list)
-    max_new_tokens: int = Field(2048, ge=1)
+    max_new_tokens: int = Field(2048, ge=1, le=MAX_NEW_TOKENS, description="capped to what the context leaves")
     use_stream_chat: Optional[LenientBool] = None
-    temperature: float = Field(0.95, ge=0.0)
-    top_k: int = Field(30, ge=0)
+    temperature: float = Field(0.95, ge=0.0, le=MAX_TEMPERATURE, description="0 (or below 1e-5) is greedy")
+    top_k: int = Field(30, ge=0, le=MAX_TOP_K, description="0 disables; at or past the vocabulary size, the same")
     top_p: float = Field(0.8, gt=0.0, le=1.0)
     do_sample: LenientBool = True
     use_cache: LenientBool = True
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     stop: Optional[Union[str, list[str]]] = None
     stop_sequences: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     langchain: LenientBool = False
     kb: str = Field("default", min_length=1, max_length=100)
     top_k_docs: int = Field(3, ge=1, le=50)

@@ -1,5 +1,6 @@
 """The chat service: the one place where a conversation becomes model input."""
 
+from chat.limits import ChatLimits, RequestLimitError
 from chat.service import (
     ChatEvent,
     ChatRequest,
@@ -13,6 +14,8 @@ from chat.service import (
 
 __all__ = [
     "ChatEvent",
+    "ChatLimits",
+    "RequestLimitError",
     "ChatRequest",
     "ChatService",
     "ContextOverflowError",

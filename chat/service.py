@@ -7,12 +7,13 @@ history fitting, knowledge retrieval and sampling defaults are decided here once
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import threading
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, AsyncIterator, Optional, Sequence
 
+from chat.limits import Cancelled, ChatLimits, Preprocessor, RequestLimitError
 from engine import ChatMessage, Engine, PromptTooLongError, SamplingParams, Usage
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class ChatRequest:
     knowledge: Optional[KnowledgeQuery] = None
     fit_history: bool = True
     exact_max_tokens: bool = False
+    history_param: str = "history"  # how the request's protocol names its earlier turns, for errors
 
     @classmethod
     def from_pairs(cls, prompt: str, system_prompt: str = "", history: Sequence[Sequence[str]] = (), **kw) -> "ChatRequest":
@@ -98,9 +100,12 @@ class ChatEvent:
 
 
 class ChatService:
-    def __init__(self, engine: Engine, knowledge: Optional["KnowledgeService"] = None) -> None:
+    def __init__(self, engine: Engine, knowledge: Optional["KnowledgeService"] = None,
+                 limits: Optional[ChatLimits] = None) -> None:
         self.engine = engine
         self.knowledge = knowledge
+        self.limits = limits or ChatLimits()
+        self._preprocess = Preprocessor(self.limits.preprocess_threads)
 
     @property
     def model_name(self) -> str:
@@ -109,6 +114,7 @@ class ChatService:
     async def stream(self, request: ChatRequest, request_id: Optional[str] = None) -> AsyncIterator[ChatEvent]:
         """Yield cumulative answer events; validation errors are raised before the first one."""
         request_id = request_id or uuid.uuid4().hex
+        self.check(request)
         user_message, sources = None, None
         if request.knowledge is not None:
             retrieval = await self._retrieve(request)
@@ -119,13 +125,14 @@ class ChatService:
                 yield ChatEvent(text=reply, delta=reply, finish_reason="stop", sources=[])
                 return
             user_message = retrieval.prompt
-        turns = await asyncio.to_thread(self._fit, request, user_message)
+        turns = await self._preprocess.run(self._fit, request, user_message)
         chunks = self.engine.generate(request.messages(turns, user_message), request.params, request_id)
         async for event in self._events(chunks, sources):
             yield event
 
     async def stream_completion(self, prompt: str, params: SamplingParams, request_id: Optional[str] = None) -> AsyncIterator[ChatEvent]:
         """A raw text completion (no chat template), for /v1/completions."""
+        self._check_stop(params)
         chunks = self.engine.generate_from_prompt(prompt, params, request_id or uuid.uuid4().hex)
         async for event in self._events(chunks, None):
             yield event
@@ -149,23 +156,61 @@ class ChatService:
         query = request.knowledge
         return await self.knowledge.retrieve(query.kb, request.prompt, query.top_k)
 
-    def _fit(self, request: ChatRequest, user_message: Optional[str]) -> Sequence[ChatMessage]:
-        """The turns that fit the context with room for the answer."""
+    def check(self, request: ChatRequest) -> None:
+        """The request's bounds, before any work is done for it."""
+        earlier = len(request.turns) // 2  # [user, assistant] pairs before the last user turn
+        if earlier > self.limits.max_history_turns:
+            raise RequestLimitError(request.history_param, f"{earlier} earlier turns; at most "
+                                    f"{self.limits.max_history_turns} are accepted (--max-history-turns)")
+        self._check_stop(request.params)
+
+    def _check_stop(self, params: SamplingParams) -> None:
+        if len(params.stop) > self.limits.max_stop_strings:
+            raise RequestLimitError("stop", f"{len(params.stop)} stop strings; at most {self.limits.max_stop_strings} "
+                                    "are accepted (--max-stop-strings)")
+        longest = max((len(s) for s in params.stop), default=0)
+        if longest > self.limits.max_stop_chars:
+            raise RequestLimitError("stop", f"a stop string of {longest} characters; at most "
+                                    f"{self.limits.max_stop_chars} are accepted (--max-stop-chars)")
+
+    def _fit(self, cancelled: threading.Event, request: ChatRequest, user_message: Optional[str]) -> Sequence[ChatMessage]:
+        """The turns that fit the context with room for the answer.
+
+        Dropping the oldest exchanges one at a time and re-counting would
+        tokenize the conversation once per dropped turn; the shortest-suffix
+        search below tokenizes it O(log turns) times.
+        """
         limit = self.engine.max_model_len
         want = request.params.max_new_tokens if request.exact_max_tokens else min(request.params.max_new_tokens, MIN_ANSWER_ROOM)
         turns = list(request.turns)
-        while True:
-            used = self.engine.count_prompt_tokens(request.messages(turns, user_message))
-            if used + want <= limit or not request.fit_history or len(turns) == 1:
-                break
-            # drop the oldest exchange: everything up to the next user turn after the first
-            cut = next((i for i in range(1, len(turns)) if turns[i].role == "user"), len(turns) - 1)
-            turns = turns[cut:]
-        if used >= limit:
-            raise PromptTooLongError(used, limit)
-        if request.exact_max_tokens and used + request.params.max_new_tokens > limit:
-            raise ContextOverflowError(used, request.params.max_new_tokens, limit)
-        return turns
+        # where the kept part may start: the first turn, or any later user turn
+        starts = [0] + [i for i in range(1, len(turns)) if turns[i].role == "user"]
+
+        def used(k: int) -> int:
+            if cancelled.is_set():
+                raise Cancelled()
+            return self.engine.count_prompt_tokens(request.messages(turns[starts[k]:], user_message))
+
+        keep, tokens = 0, used(0)
+        if tokens + want > limit and request.fit_history and len(starts) > 1:
+            low, high = 1, len(starts) - 1  # the last start (the user's own turn alone) is the fallback
+            high_tokens = None
+            while low < high:
+                middle = (low + high) // 2
+                count = used(middle)
+                if count + want <= limit:
+                    high, high_tokens = middle, count
+                else:
+                    low = middle + 1
+            keep, tokens = low, high_tokens if high_tokens is not None else used(low)
+        if tokens >= limit:
+            raise PromptTooLongError(tokens, limit)
+        if request.exact_max_tokens and tokens + request.params.max_new_tokens > limit:
+            raise ContextOverflowError(tokens, request.params.max_new_tokens, limit)
+        return turns[starts[keep]:]
+
+    def shutdown(self) -> None:
+        self._preprocess.shutdown()
 
 
 async def last_event(events: AsyncIterator[ChatEvent]) -> ChatEvent:

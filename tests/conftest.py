@@ -50,13 +50,14 @@ class LiveServer:
 
 
 class _ServerThread:
-    """uvicorn on its own thread and event loop, as in production but in-process."""
+    """uvicorn on its own thread and event loop, with the service's own settings, but in-process."""
 
-    def __init__(self, app, port: int, ws_max_size: int) -> None:
+    def __init__(self, app, settings: ServerConfig) -> None:
         import uvicorn
 
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=ws_max_size)
-        self.server = uvicorn.Server(config)
+        from api.serving import uvicorn_config
+
+        self.server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -93,20 +94,22 @@ def knowledge(embedder, tmp_path_factory) -> Iterator[KnowledgeService]:
 
 
 @pytest.fixture(scope="session")
-def chat_service(engine, knowledge) -> ChatService:
-    return ChatService(engine, knowledge)
+def chat_service(engine, knowledge) -> Iterator[ChatService]:
+    service = ChatService(engine, knowledge)
+    yield service
+    service.shutdown()
 
 
-def serve(chat_service, token: Optional[str], knowledge=None, **settings) -> Iterator[LiveServer]:
+def serve(chat_service, token: Optional[str], knowledge=None, extra_routers=(), **settings) -> Iterator[LiveServer]:
     """Serve the given services on a fresh port until the generator is closed."""
     from webui.ui import mount_ui
 
-    config = ServerConfig(token=token, **settings)
-    knowledge = knowledge if knowledge is not None else chat_service.knowledge
-    ui = mount_ui(chat_service, knowledge, token, config.ui_concurrency, knowledge.config.max_upload_mb)
-    app = build_app(config, chat_service, knowledge=knowledge, ui=ui)
     port = free_port()
-    with _ServerThread(app, port, config.max_request_bytes):
+    config = ServerConfig(token=token, port=port, **settings)
+    knowledge = knowledge if knowledge is not None else chat_service.knowledge
+    ui = mount_ui(chat_service, knowledge, config.ui_concurrency, knowledge.config.max_upload_mb)
+    app = build_app(config, chat_service, knowledge=knowledge, ui=ui, extra_routers=extra_routers)
+    with _ServerThread(app, config):
         yield LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/", token, app)
 
 

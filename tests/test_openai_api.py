@@ -171,7 +171,8 @@ def test_context_overflow_message_has_token_counts(client):
 
 
 def test_stream_disconnect_cancels_generation(secured_server):
-    health = lambda: requests.get(secured_server.url + "/health", timeout=10).json()["engine"]  # noqa: E731
+    health = lambda: requests.get(secured_server.url + "/health", headers=secured_server.headers(),  # noqa: E731
+                                  timeout=10).json()["engine"]
     before = health()
     with httpx.stream("POST", secured_server.url + "/v1/chat/completions", headers={"Authorization": TOKEN}, timeout=60,
                       json={"messages": [{"role": "user", "content": "Write a very long essay about oceans."}], "max_tokens": 500, "stream": True}) as r:

@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from api.config import TOKEN_ENV, ServerConfig  # noqa: E402
+from chat.limits import ChatLimits  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from knowledge.config import KnowledgeConfig  # noqa: E402
 from webui.cli import add_flags, from_args, non_defaults  # noqa: E402
@@ -25,7 +26,7 @@ from webui.cli import add_flags, from_args, non_defaults  # noqa: E402
 log = logging.getLogger("chatllm")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[ServerConfig, EngineConfig, KnowledgeConfig]:
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[ServerConfig, ChatLimits, EngineConfig, KnowledgeConfig]:
     parser = argparse.ArgumentParser(
         prog="webui_server.py",
         description="ChatLLM-WebUI: a Gradio WebUI, the EAS ChatLLM HTTP/WebSocket API and an "
@@ -33,19 +34,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[ServerConfig, Engi
         epilog=f"The token can also come from the environment variable {TOKEN_ENV}.",
     )
     add_flags(parser, ServerConfig, "server")
+    add_flags(parser, ChatLimits, "requests")
     add_flags(parser, EngineConfig, "model")
     add_flags(parser, KnowledgeConfig, "knowledge base")
     args = parser.parse_args(argv)
-    return from_args(ServerConfig, args), from_args(EngineConfig, args), from_args(KnowledgeConfig, args)
+    return (from_args(ServerConfig, args), from_args(ChatLimits, args), from_args(EngineConfig, args),
+            from_args(KnowledgeConfig, args))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    server_config, engine_config, knowledge_config = parse_args(argv)
+    server_config, chat_limits, engine_config, knowledge_config = parse_args(argv)
     logging.basicConfig(
         level=server_config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    changed = {**non_defaults(server_config), **non_defaults(engine_config), **non_defaults(knowledge_config)}
+    changed = {**non_defaults(server_config), **non_defaults(chat_limits), **non_defaults(engine_config),
+               **non_defaults(knowledge_config)}
     log.info("settings: %s", changed or "all defaults")
 
     from chat import ChatService
@@ -65,24 +69,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import uvicorn
 
     from api.app import build_app
+    from api.serving import uvicorn_config
 
-    chat = ChatService(engine, knowledge)
+    chat = ChatService(engine, knowledge, chat_limits)
     ui = None
     if not server_config.api_only:
         from webui.ui import mount_ui
 
-        ui = mount_ui(chat, knowledge, server_config.token, server_config.ui_concurrency, knowledge_config.max_upload_mb)
+        ui = mount_ui(chat, knowledge, server_config.ui_concurrency, knowledge_config.max_upload_mb)
     app = build_app(server_config, chat, knowledge=knowledge, ui=ui)
     if not server_config.token:
         log.warning("no --token set: the API is open to anyone who can reach %s:%d", server_config.host, server_config.port)
     print(f"ChatLLM-WebUI serving {engine.model_name} at http://{server_config.host}:{server_config.port}", flush=True)
-    uvicorn.run(
-        app,
-        host=server_config.host,
-        port=server_config.port,
-        log_level=server_config.log_level,
-        ws_max_size=server_config.max_request_bytes,
-    )
+    uvicorn.Server(uvicorn_config(app, server_config)).run()
+    chat.shutdown()
     engine.shutdown()
     knowledge.shutdown()
     return 0

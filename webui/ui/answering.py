@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Sequence
 
 from api.errors import to_api_error
 from chat import ChatRequest, ChatService, KnowledgeQuery
-from engine import SamplingParams
-from webui.ui.common import Throttle, to_pairs
+from webui.ui.common import Throttle, sampling, to_pairs
 
 
 def sources_block(sources: list[dict]) -> dict:
@@ -35,15 +34,19 @@ async def stream_answer(
     history: list[dict],
     prompt: str,
     system_prompt: str,
-    params: SamplingParams,
+    controls: Sequence[Any],
     knowledge: Optional[KnowledgeQuery] = None,
 ) -> AsyncIterator[list[dict]]:
-    """Yield the chat window's messages as the answer grows (throttled); errors become a visible block."""
-    request = ChatRequest.from_pairs(prompt, system_prompt or "", to_pairs(history), params=params, knowledge=knowledge)
+    """Yield the chat window's messages as the answer grows (throttled); errors become a visible block.
+
+    `controls` are the sampling sliders' raw values, validated like an API request.
+    """
     messages = [*history, {"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
     yield messages
     throttle = Throttle()
     try:
+        request = ChatRequest.from_pairs(prompt, system_prompt or "", to_pairs(history), params=sampling(*controls),
+                                         knowledge=knowledge)
         async for event in chat.stream(request):
             messages[-1] = {"role": "assistant", "content": event.text}
             if event.done:

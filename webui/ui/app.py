@@ -47,17 +47,18 @@ def build_blocks(chat: ChatService, knowledge: Optional[KnowledgeService], concu
     return blocks
 
 
-def mount_ui(chat: ChatService, knowledge: Optional[KnowledgeService], token: Optional[str], concurrency: int = 16, max_upload_mb: float = 20.0):
-    """An app part: mounts the page at `/`, asking for the token first when one is set."""
+def mount_ui(chat: ChatService, knowledge: Optional[KnowledgeService], concurrency: int = 16, max_upload_mb: float = 20.0):
+    """An app part: mounts the page at `/`.
+
+    With --token the request guard sends a browser without a session to the
+    login page (api/login.py) before any of the page or its endpoints is served.
+    """
 
     def mount(app: FastAPI) -> None:
         blocks = build_blocks(chat, knowledge, concurrency)
-        auth = (lambda _user, password: password == token) if token else None
         gr.mount_gradio_app(
-            app, blocks, path="/", auth=auth,
-            auth_message="This ChatLLM-WebUI is protected: enter any user name and the service token as password." if token else None,
-            max_file_size=f"{int(max_upload_mb * 1024)}kb", footer_links=["api"], run_history=False,
-            css=CSS, theme=gr.themes.Soft(),
+            app, blocks, path="/", max_file_size=f"{int(max_upload_mb * 1024)}kb", footer_links=["api"],
+            run_history=False, css=CSS, theme=gr.themes.Soft(),
         )
 
     return mount

@@ -6,7 +6,7 @@ import gradio as gr
 
 from chat import ChatService
 from webui.ui.answering import stream_answer
-from webui.ui.common import DEFAULTS, last_user_turn, sampling
+from webui.ui.common import DEFAULTS, last_user_turn
 
 
 def render_sampling_controls(prefix: str) -> list[gr.components.Component]:
@@ -60,7 +60,7 @@ class ChatTab:
         if not (prompt or "").strip():
             yield gr.update(), history
             return
-        async for messages in stream_answer(self.chat, history or [], prompt, system_prompt, sampling(*params)):
+        async for messages in stream_answer(self.chat, history or [], prompt, system_prompt, params):
             yield "", messages
 
     async def _regenerate(self, history, system_prompt, *params):
@@ -68,5 +68,5 @@ class ChatTab:
         if prompt is None:
             yield history
             return
-        async for messages in stream_answer(self.chat, earlier, prompt, system_prompt, sampling(*params)):
+        async for messages in stream_answer(self.chat, earlier, prompt, system_prompt, params):
             yield messages

@@ -45,14 +45,18 @@ def to_pairs(messages: list[dict]) -> list[tuple[str, str]]:
     return pairs
 
 
-def sampling(max_new_tokens: float, temperature: float, top_p: float, top_k: float, do_sample: bool) -> SamplingParams:
-    return SamplingParams(
-        max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature),
-        top_p=max(float(top_p), 0.01),
-        top_k=int(top_k),
-        do_sample=bool(do_sample),
-    )
+def sampling(max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any, do_sample: Any) -> SamplingParams:
+    """The sliders' values through the API's own schema: a page can be bypassed, the bounds cannot.
+
+    Raises pydantic's ValidationError naming the field, shown in the chat as an error.
+    """
+    fields = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+              "do_sample": do_sample}
+    # sliders hand over floats for integer settings
+    for name in ("max_new_tokens", "top_k"):
+        if isinstance(fields[name], float) and fields[name].is_integer():
+            fields[name] = int(fields[name])
+    return EASChatRequest.model_validate(fields).sampling_params()
 
 
 @dataclass

@@ -17,7 +17,6 @@ from knowledge.service import KnowledgeService, Upload
 from knowledge.store import UnknownKnowledgeBaseError
 from webui.ui.answering import stream_answer
 from webui.ui.chat_tab import render_sampling_controls
-from webui.ui.common import sampling
 
 DEFAULT_KB = "default"
 
@@ -117,7 +116,10 @@ class LangChainTab:
                 uploads.append(Upload(name, data))
         except NameError_ as exc:
             raise gr.Error(str(exc)) from None
-        job, future = self.knowledge.submit(kb, uploads)
+        try:
+            job, future = self.knowledge.submit(kb, uploads)
+        except Exception as exc:  # a full upload queue, a base that cannot take files
+            raise gr.Error(to_api_error(exc).message) from None
         while not future.done():
             fraction = job.chunks_done / job.chunks_total if job.chunks_total else 0.0
             progress(fraction, desc=f"{job.state}: {job.chunks_done}/{job.chunks_total} chunks")
@@ -144,5 +146,5 @@ class LangChainTab:
             yield gr.update(), history
             return
         query = KnowledgeQuery(kb=(kb or DEFAULT_KB).strip(), top_k=int(top_k))
-        async for messages in stream_answer(self.chat, history or [], prompt, "", sampling(*params), knowledge=query):
+        async for messages in stream_answer(self.chat, history or [], prompt, "", params, knowledge=query):
             yield "", messages
