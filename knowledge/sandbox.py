@@ -35,6 +35,10 @@ class ParseCancelled(Exception):
     """The job was cancelled while one of its files was being parsed."""
 
 
+class ParseTimedOut(Exception):
+    """The job's time ran out while one of its files was being parsed."""
+
+
 class ParserSandbox:
     def __init__(self, limits: ParseLimits, splitter: SplitterSettings, max_chunks: int, memory_mb: int) -> None:
         self._settings = json.dumps({
@@ -64,7 +68,7 @@ class ParserSandbox:
                 self._stop()
                 raise LoaderError("the file could not be parsed: the parser stopped on it "
                                   "(out of memory or a crash); the other files are not affected") from None
-            except (LoaderError, ParseCancelled):
+            except (LoaderError, ParseCancelled, ParseTimedOut):
                 self._stop()
                 raise
             if process.poll() is not None:
@@ -96,7 +100,7 @@ class ParserSandbox:
                 raise ParseCancelled()
             left = deadline - time.monotonic()
             if left <= 0:
-                raise LoaderError("parsing the file took longer than the upload's time limit (--ingest-timeout)")
+                raise ParseTimedOut()
             ready, _, _ = select.select([fd], [], [], min(left, 0.2))
             if ready:
                 piece = os.read(fd, min(size - len(data), 1 << 20))

@@ -19,8 +19,8 @@ from knowledge.jobs import FileResult, Job, JobRegistry
 from knowledge.loaders import LoaderError
 from knowledge.names import check_kb_name
 from knowledge.rag_prompt import RagPrompt
-from knowledge.sandbox import ParseCancelled, ParserSandbox
-from knowledge.splitting import DocumentSplitter, SplitterSettings
+from knowledge.sandbox import ParseCancelled, ParserSandbox, ParseTimedOut
+from knowledge.splitting import SplitterSettings
 from knowledge.store import (
     EmptyKnowledgeBaseError,
     FileChunks,
@@ -68,7 +68,6 @@ class KnowledgeService:
         self.config = config
         self.embedder = embedder
         self.settings = SplitterSettings(config.chunk_size, config.chunk_overlap)
-        self.splitter = DocumentSplitter(self.settings)
         self.rag_prompt = RagPrompt(config.rag_prompt_file)
         self.root = Path(config.knowledge_dir).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -134,15 +133,15 @@ class KnowledgeService:
 
     # ---- ingestion -------------------------------------------------------------------
 
-    def submit(self, kb: str, uploads: Sequence[Upload], rejected: Sequence[FileResult] = ()) -> tuple[Job, concurrent.futures.Future]:
-        """Queue an ingestion job; files already refused (bad name, too big) are reported in it."""
+    def submit(self, kb: str, uploads: Sequence[Upload]) -> tuple[Job, concurrent.futures.Future]:
+        """Queue an ingestion job; IngestQueueFullError when --max-ingest-jobs are queued or running."""
         base = self._get_or_create(kb)
         with self._submit_lock:
             if len(self.jobs.unfinished()) >= self.config.max_ingest_jobs:
                 raise IngestQueueFullError(
                     f"{self.config.max_ingest_jobs} upload jobs are already queued or running; retry shortly"
                 )
-            job = Job(kb=base.name, files=[FileResult(u.name) for u in uploads] + list(rejected))
+            job = Job(kb=base.name, files=[FileResult(u.name) for u in uploads])
             self.jobs.add(job)
             future = self._ingest.submit(self._run_job, job, base, list(uploads))
             self._futures[job.id] = future
@@ -189,7 +188,10 @@ class KnowledgeService:
         if job.cancelled:
             raise _Stop("cancelled", "cancelled on request")
         if time.monotonic() > deadline:
-            raise _Stop("failed", f"the upload took longer than {self.config.ingest_timeout:g} s (--ingest-timeout)")
+            raise self._timed_out()
+
+    def _timed_out(self) -> _Stop:
+        return _Stop("failed", f"the upload took longer than {self.config.ingest_timeout:g} s (--ingest-timeout)")
 
     def _ingest_files(self, job: Job, base: KnowledgeBase, uploads: list[Upload], deadline: float) -> None:
         base.check_writable()
@@ -209,6 +211,9 @@ class KnowledgeService:
                 continue
             try:
                 chunks = self._sandbox.parse(upload.name, upload.data, deadline, lambda: job.cancelled)
+            except ParseTimedOut:  # the job is over its time: it fails as a whole
+                result.status, result.reason = "failed", "parsing was stopped: the upload ran out of time"
+                raise self._timed_out() from None
             except LoaderError as exc:  # this file only: the others are still ingested
                 result.status, result.reason = "failed", str(exc)
                 continue
