@@ -105,8 +105,17 @@ class PromptBuilder:
         return self._tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
 
     def encode_raw(self, prompt: str) -> list[int]:
-        """A plain completion prompt gets the tokenizer's usual special tokens."""
-        return self._tokenizer(prompt).input_ids
+        """A plain completion prompt gets the tokenizer's usual special tokens.
+
+        The caller writes the whole model input here, control tokens included
+        (this is how a client applies a template of its own). An empty prompt
+        starts from the beginning-of-text token, as OpenAI's completions do.
+        """
+        ids = self._tokenizer(prompt).input_ids
+        if not ids:
+            start = self._tokenizer.bos_token_id
+            ids = [start if start is not None else self._tokenizer.eos_token_id or 0]
+        return ids
 
     def _eos_ids(self, generation_eos: Sequence[int]) -> set[int]:
         ids = set(generation_eos)

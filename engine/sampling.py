@@ -60,7 +60,10 @@ def _mask_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     norm = own_norm if log_norm is None else torch.where(limited, own_norm, log_norm)
     probs = (kept - norm.unsqueeze(1)).exp()
     mass_before = probs.cumsum(-1) - probs
-    return outside_k | (mass_before >= top_p.unsqueeze(1))
+    drop = outside_k | (mass_before >= top_p.unsqueeze(1))
+    # the best token always stays, even for a top_p too small for float32 (5e-324 rounds to 0)
+    drop[:, 0] = False
+    return drop
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -137,6 +140,8 @@ def _sample_rows(
 ) -> list[int]:
     logits = logits.float()
     vocab = logits.shape[-1]
+    if any(p.repetition_penalty != 1.0 or p.counts_output for p in params):
+        logits = logits.clone()  # penalties write rows in place; the caller's logits stay as they were
     for i, p in enumerate(params):
         if p.repetition_penalty != 1.0 and seen_ids and seen_ids[i] is not None:
             logits[i] = apply_repetition_penalty(logits[i], seen_ids[i], p.repetition_penalty)
