@@ -25,6 +25,13 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_server(args: Sequence[str] = (), timeout: float = 300) -> Iterator[str]:
     """Yield the base URL of a freshly started `webui/webui_server.py`; stop it afterwards."""
+    with server_process(args, timeout) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def server_process(args: Sequence[str] = (), timeout: float = 300) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Like running_server, also yielding the process (for watching its memory and files)."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "webui" / "webui_server.py"), "--port", str(port), "--log-level", "warning", *args],
@@ -44,7 +51,7 @@ def running_server(args: Sequence[str] = (), timeout: float = 300) -> Iterator[s
             if time.monotonic() > deadline:
                 raise SystemExit("server did not start in time")
             time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(timeout=30)
