@@ -22,7 +22,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Optional
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 

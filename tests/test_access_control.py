@@ -8,7 +8,6 @@ import socket
 import time
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 import requests
 import websockets

@@ -19,7 +19,7 @@ import requests
 
 from knowledge.config import KnowledgeConfig
 from knowledge.persistence import CURRENT
-from knowledge.service import IngestQueueFullError, KnowledgeService, Upload
+from knowledge.service import KnowledgeService, Upload
 from tests.conftest import ROOT, serve
 
 
