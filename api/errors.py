@@ -96,12 +96,16 @@ def to_api_error(exc: BaseException) -> APIError:
     return APIError(500, "internal error: the request could not be completed", type_="server_error")
 
 
-def error_response(exc: BaseException) -> JSONResponse:
+def error_response(exc: BaseException, request_id: Optional[str] = None) -> JSONResponse:
     err = to_api_error(exc)
+    body = err.body()
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {}
     if err.retry_after is not None:
         headers["Retry-After"] = str(err.retry_after)
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    if request_id is not None:
+        body["error"]["request_id"] = request_id
+        headers["X-Request-Id"] = request_id
+    return JSONResponse(body, status_code=err.status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

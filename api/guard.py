@@ -24,7 +24,7 @@ from starlette.requests import cookie_parser
 from api import jsonsafe
 from api.auth import token_matches
 from api.body import too_large
-from api.errors import APIError
+from api.errors import APIError, error_response
 from api.sessions import COOKIE, FailureLimiter, SessionSigner
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class RequestGuard:
                 if exceeded and message["status"] != 413:
                     # the route caught the size error and made its own answer: the client gets the true one
                     replaced = True
-                    await self._reply(send, request_id, too_large(limit))
+                    await _reply(scope, receive, send, request_id, too_large(limit))
                     return
                 message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
             await send(message)
@@ -166,7 +166,7 @@ class RequestGuard:
             await self._redirect(send, request_id, "/login")
             return
         if error is not None:
-            await self._reply(send, request_id, error)
+            await _reply(scope, receive, send, request_id, error)
             return
 
         if not upload and (_header(scope, b"content-length") or _header(scope, b"transfer-encoding")):
@@ -174,16 +174,16 @@ class RequestGuard:
             try:
                 body = await asyncio.wait_for(_read_body(receive, limit), self.policy.body_timeout)
             except _BodyTooLarge:
-                await self._reply(send, request_id, too_large(limit))
+                await _reply(scope, receive, send, request_id, too_large(limit))
                 return
             except asyncio.TimeoutError:
-                await self._reply(send, request_id, APIError(408, "the request body did not arrive in time", param="body"))
+                await _reply(scope, receive, send, request_id, APIError(408, "the request body did not arrive in time", param="body"))
                 return
             if body is None:
                 return  # the client left
             error = self._json_error(scope, body)
             if error is not None:
-                await self._reply(send, request_id, error)
+                await _reply(scope, receive, send, request_id, error)
                 return
             receive = _replay(body, receive)
         else:
@@ -206,11 +206,11 @@ class RequestGuard:
             if started:
                 log.error("request %s failed after its response started: %r", request_id, exc)
                 return
-            if isinstance(exc, _BodyTooLarge) or exceeded:
-                await self._reply(send, request_id, too_large(limit))
+            if exceeded:  # raised by the counting receive, whatever the route made of it
+                await _reply(scope, receive, send, request_id, too_large(limit))
                 return
             log.exception("request %s (%s %s) failed", request_id, method, path)
-            await self._reply(send, request_id, APIError(
+            await _reply(scope, receive, send, request_id, APIError(
                 500, f"internal error: the request could not be completed (request id {request_id})",
                 type_="server_error", code="internal_error"))
 
@@ -245,20 +245,6 @@ class RequestGuard:
         return None
 
     @staticmethod
-    async def _reply(send: Send, request_id: str, error: APIError) -> None:
-        body = error.body()
-        body["error"]["request_id"] = request_id
-        headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode())]
-        if error.status == 401:
-            headers.append((b"www-authenticate", b"Bearer"))
-        if error.retry_after is not None:
-            headers.append((b"retry-after", str(error.retry_after).encode()))
-        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        headers.append((b"content-length", str(len(payload)).encode()))
-        await send({"type": "http.response.start", "status": error.status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
-
-    @staticmethod
     async def _redirect(send: Send, request_id: str, location: str) -> None:
         await send({"type": "http.response.start", "status": 303, "headers": [
             (b"location", location.encode()), (b"content-length", b"0"), (b"x-request-id", request_id.encode())]})
@@ -280,6 +266,11 @@ class RequestGuard:
             await send({"type": "websocket.http.response.body", "body": payload})
         else:
             await send({"type": "websocket.close", "code": 1008, "reason": error.message[:120]})
+
+
+async def _reply(scope: Scope, receive: Receive, send: Send, request_id: str, error: APIError) -> None:
+    """The service's one JSON error shape, with the request id, answered before any route."""
+    await error_response(error, request_id)(scope, receive, send)
 
 
 async def _read_body(receive: Receive, limit: int) -> Optional[bytes]:

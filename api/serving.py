@@ -12,29 +12,25 @@ JSON error shape.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any, Optional
 
 import uvicorn
 
 from api.config import ServerConfig
+from api.errors import APIError, error_response
 
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 64 * 1024
 
 
-_UNAVAILABLE = json.dumps({"error": {
-    "message": "the server has too many open connections (--max-connections); retry shortly",
-    "type": "overloaded_error", "param": None, "code": "too_many_connections"}}).encode()
-
-
 async def _unavailable(scope: dict, receive: Any, send: Any) -> None:
-    await send({"type": "http.response.start", "status": 503, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(_UNAVAILABLE)).encode()),
-        (b"retry-after", b"5"), (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": _UNAVAILABLE})
+    response = error_response(APIError(
+        503, "the server has too many open connections (--max-connections); retry shortly",
+        type_="overloaded_error", code="too_many_connections", retry_after=5))
+    response.headers["Connection"] = "close"
+    await response(scope, receive, send)
 
 
 def _guarded_protocol(header_timeout: float) -> Any:
