@@ -49,7 +49,7 @@ async def eas_chat(request: Request) -> Response:
     req = validate(parse_body(raw, request.headers.get("content-type"), max_depth=settings.max_json_depth))
     require_prompt(req)
     request_id = f"eas-{uuid.uuid4().hex}"
-    chat_request = req.to_chat_request()
+    chat_request = req.to_chat_request(chat.sampling_defaults)
     if not req.use_stream_chat:
         try:
             event = await unless_disconnected(request, chat.complete(chat_request, request_id))

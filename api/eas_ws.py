@@ -149,7 +149,7 @@ async def _answer(websocket: WebSocket, chat: ChatService, conversation: Convers
         conversation.system_prompt = req.system_prompt
     if not req.prompt.strip():
         return  # a settings-only frame: answered with <EOS> alone
-    chat_request = req.to_chat_request(system_prompt=conversation.system_prompt, history=conversation.history)
+    chat_request = req.to_chat_request(chat.sampling_defaults, system_prompt=conversation.system_prompt, history=conversation.history)
     stream = req.use_stream_chat is not False  # streaming is the WebSocket default
     answer, sources, sent = "", None, ""
     pacer = CumulativePacer(len(data))

@@ -109,7 +109,9 @@ def _usage(events: list[ChatEvent]) -> dict:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     chat: ChatService = request.app.state.chat
     _check_model(body.model, chat)
-    base = body.to_chat_request(default_max_tokens=chat.engine.max_model_len)
+    defaults = chat.engine.generation_defaults
+    # left out, an answer may use the rest of the context (as OpenAI and vLLM), unless the model says less
+    base = body.to_chat_request(default_max_tokens=defaults.get("max_new_tokens", chat.engine.max_model_len), defaults=defaults)
     choices = [replace(base, params=with_seed(base.params, i)) for i in range(body.n)]
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -162,7 +164,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
 
 def _completion_streams(body: CompletionRequest, chat: ChatService) -> list[AsyncIterator[ChatEvent]]:
-    params = body.sampling_params(body.max_tokens or 16)
+    params = body.sampling_params(body.max_tokens or 16, chat.engine.generation_defaults)
     out = []
     for prompt in body.prompts():
         for i in range(body.n):

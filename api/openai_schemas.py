@@ -16,6 +16,7 @@ from api.schemas import (
 )
 from chat import ChatRequest, KnowledgeQuery
 from engine import ChatMessage, SamplingParams
+from engine.generation_defaults import GenerationDefaults
 
 MAX_N = 8
 # OpenAI's own newer name for the system role
@@ -71,14 +72,21 @@ class _Common(BaseModel):
             return ()
         return tuple(s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s)
 
-    def sampling_params(self, max_new_tokens: int) -> SamplingParams:
+    def sampling_params(self, max_new_tokens: int, defaults: GenerationDefaults = GenerationDefaults()) -> SamplingParams:
+        """Fields the client sent are used exactly; for the others the model's defaults, then OpenAI's."""
+        sent = self.model_fields_set
+
+        def pick(name: str):
+            return getattr(self, name) if name in sent else defaults.get(name, getattr(self, name))
+
+        temperature = pick("temperature")
         return SamplingParams(
             max_new_tokens=max_new_tokens,
-            temperature=self.temperature,
-            top_k=max(self.top_k, 0),
-            top_p=self.top_p,
-            do_sample=self.temperature > 0,
-            repetition_penalty=self.repetition_penalty,
+            temperature=temperature,
+            top_k=max(pick("top_k"), 0),
+            top_p=pick("top_p"),
+            do_sample=temperature > 0,
+            repetition_penalty=pick("repetition_penalty"),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             stop=self.stop_strings(),
@@ -144,7 +152,7 @@ class ChatCompletionRequest(_Common):
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens or self.max_tokens
 
-    def to_chat_request(self, default_max_tokens: int) -> ChatRequest:
+    def to_chat_request(self, default_max_tokens: int, defaults: GenerationDefaults = GenerationDefaults()) -> ChatRequest:
         system_parts, turns = [], []
         for i, m in enumerate(self.messages):
             role = ROLE_ALIASES.get(m.role, m.role)
@@ -156,7 +164,7 @@ class ChatCompletionRequest(_Common):
         return ChatRequest(
             turns=turns,
             system_prompt="\n\n".join(p for p in system_parts if p),
-            params=self.sampling_params(asked or default_max_tokens),
+            params=self.sampling_params(asked or default_max_tokens, defaults),
             knowledge=self.knowledge_query(),
             fit_history=False,
             exact_max_tokens=asked is not None,

@@ -8,6 +8,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from chat import ChatRequest, KnowledgeQuery
 from engine import SamplingParams
+from engine.generation_defaults import GenerationDefaults
 
 
 def _lenient_bool(value):
@@ -83,23 +84,29 @@ class EASChatRequest(BaseModel):
                 out.extend(value)
         return tuple(s for s in out if s)
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, defaults: GenerationDefaults = GenerationDefaults()) -> SamplingParams:
+        """Fields the client sent are used exactly; for the others the model's defaults, then the protocol's."""
+        sent = self.model_fields_set
+
+        def pick(name: str):
+            return getattr(self, name) if name in sent else defaults.get(name, getattr(self, name))
+
         return SamplingParams(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
+            max_new_tokens=pick("max_new_tokens"),
+            temperature=pick("temperature"),
+            top_k=pick("top_k"),
+            top_p=pick("top_p"),
             do_sample=self.do_sample,
-            repetition_penalty=self.repetition_penalty,
+            repetition_penalty=pick("repetition_penalty"),
             stop=self.stop_strings(),
             seed=self.seed,
         )
 
-    def to_chat_request(self, system_prompt: Optional[str] = None, history=None) -> ChatRequest:
+    def to_chat_request(self, defaults: GenerationDefaults, system_prompt: Optional[str] = None, history=None) -> ChatRequest:
         return ChatRequest.from_pairs(
             prompt=self.prompt,
             system_prompt=self.system_prompt if system_prompt is None else system_prompt,
             history=self.history if history is None else history,
-            params=self.sampling_params(),
+            params=self.sampling_params(defaults),
             knowledge=KnowledgeQuery(self.kb, self.top_k_docs) if self.langchain else None,
         )

@@ -18,6 +18,11 @@ class ChatLimits:
         metadata={"help": "most earlier [user, assistant] turns one request (or one WebSocket) may carry; "
                           "more is a 400 (a WebSocket keeps the newest)"},
     )
+    default_max_new_tokens: int = field(
+        default=512,
+        metadata={"help": "answer length in tokens when an EAS, WebSocket or WebUI request does not set max_new_tokens "
+                          "(the model's generation config wins when it sets one; the context caps both)"},
+    )
     max_stop_strings: int = field(default=16, metadata={"help": "most stop strings one request may set"})
     max_stop_chars: int = field(default=256, metadata={"help": "longest stop string accepted, in characters"})
     preprocess_threads: int = field(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Optional, Sequence
 
 from chat.limits import Cancelled, ChatLimits, Preprocessor, RequestLimitError
 from engine import ChatMessage, Engine, PromptTooLongError, SamplingParams, Usage
+from engine.generation_defaults import GenerationDefaults
 
 if TYPE_CHECKING:
     from knowledge.service import KnowledgeService
@@ -110,6 +111,14 @@ class ChatService:
     @property
     def model_name(self) -> str:
         return self.engine.model_name
+
+    @property
+    def sampling_defaults(self) -> GenerationDefaults:
+        """Defaults for EAS-style requests (POST /, WebSocket, WebUI): the model's, with a bounded answer length."""
+        defaults = self.engine.generation_defaults
+        if defaults.max_new_tokens is None:
+            defaults = replace(defaults, max_new_tokens=self.limits.default_max_new_tokens)
+        return defaults
 
     async def stream(self, request: ChatRequest, request_id: Optional[str] = None) -> AsyncIterator[ChatEvent]:
         """Yield cumulative answer events; validation errors are raised before the first one."""

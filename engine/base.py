@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from typing import AsyncIterator, Sequence
 
+from engine.generation_defaults import GenerationDefaults
 from engine.types import ChatMessage, GenerationChunk, SamplingParams
 
 
@@ -18,6 +19,8 @@ class Engine(abc.ABC):
 
     model_name: str
     max_model_len: int
+    #: the model's own sampling defaults, for fields a request leaves out
+    generation_defaults: GenerationDefaults = GenerationDefaults()
 
     @abc.abstractmethod
     def generate(

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
+from pathlib import Path
 from typing import Callable
 
 from engine.base import Engine
 from engine.config import EngineConfig
+from engine.generation_defaults import GENERATION_CONFIG_FILE, GenerationDefaults, load_generation_defaults
 from engine.loader import ModelSource, context_length, load_model, resolve_model_source
 from engine.prompting import PromptBuilder
 from engine.types import ModelLoadError
+
+log = logging.getLogger(__name__)
 
 
 def _build_transformers(config: EngineConfig, source: ModelSource) -> Engine:
@@ -17,17 +22,33 @@ def _build_transformers(config: EngineConfig, source: ModelSource) -> Engine:
     from engine.transformers_backend import BatchLimits, TransformersEngine
 
     model, tokenizer, _ = load_model(source, config)
+    name = config.served_model_name or source.display_name
     eos = model.generation_config.eos_token_id if model.generation_config else None
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     return TransformersEngine(
         model=model,
         tokenizer=tokenizer,
         prompts=PromptBuilder(tokenizer, config.model_type, eos_ids),
-        model_name=config.served_model_name or source.display_name,
+        model_name=name,
         max_model_len=context_length(model, tokenizer, config.max_model_len),
         limits=BatchLimits(config.max_num_seqs, config.kv_cache_tokens, config.max_prefill_tokens, config.max_queue),
         prefix_cache=PrefixCache(config.prefix_cache_tokens),
+        generation_defaults=model_generation_defaults(config, source),
     )
+
+
+def model_generation_defaults(config: EngineConfig, source: ModelSource) -> GenerationDefaults:
+    """`--generation-config` resolved for this model; logged, since it changes every default answer."""
+    model_dir = source.location
+    if source.is_hub:
+        # the weights were just fetched into the hub cache: its generation_config.json sits beside them
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source.location, GENERATION_CONFIG_FILE)
+        model_dir = str(Path(cached).parent) if isinstance(cached, str) else None
+    defaults = load_generation_defaults(config.generation_config, model_dir, source.gguf_file, source.display_name)
+    log.info("sampling defaults from %s: %s", defaults.source, defaults.values() or "protocol defaults only")
+    return defaults
 
 
 def _build_vllm(config: EngineConfig, source: ModelSource) -> Engine:

@@ -6,23 +6,23 @@ import gradio as gr
 
 from chat import ChatService
 from webui.ui.answering import stream_answer
-from webui.ui.common import DEFAULTS, last_user_turn
+from webui.ui.common import last_user_turn, slider_defaults
 
 
-def render_sampling_controls(prefix: str) -> list[gr.components.Component]:
-    """max_new_tokens, temperature, top_p, top_k, do_sample, with the API's defaults."""
+def render_sampling_controls(prefix: str, defaults: dict) -> list[gr.components.Component]:
+    """max_new_tokens, temperature, top_p, top_k, do_sample, opening at the API's defaults for this model."""
     with gr.Accordion("Parameters", open=False, elem_id=f"{prefix}-params"):
         with gr.Row():
-            max_new_tokens = gr.Slider(1, 4096, value=DEFAULTS["max_new_tokens"], step=1, label="max_new_tokens",
+            max_new_tokens = gr.Slider(1, 4096, value=defaults["max_new_tokens"], step=1, label="max_new_tokens",
                                        min_width=120, elem_id=f"{prefix}-max-new-tokens")
-            temperature = gr.Slider(0.0, 2.0, value=DEFAULTS["temperature"], step=0.05, label="temperature",
+            temperature = gr.Slider(0.0, 2.0, value=defaults["temperature"], step=0.05, label="temperature",
                                     min_width=120, elem_id=f"{prefix}-temperature")
         with gr.Row():
-            top_p = gr.Slider(0.01, 1.0, value=DEFAULTS["top_p"], step=0.01, label="top_p", min_width=120,
+            top_p = gr.Slider(0.01, 1.0, value=defaults["top_p"], step=0.01, label="top_p", min_width=120,
                               elem_id=f"{prefix}-top-p")
-            top_k = gr.Slider(0, 100, value=DEFAULTS["top_k"], step=1, label="top_k (0 = off)", min_width=120,
+            top_k = gr.Slider(0, 100, value=defaults["top_k"], step=1, label="top_k (0 = off)", min_width=120,
                               elem_id=f"{prefix}-top-k")
-        do_sample = gr.Checkbox(value=DEFAULTS["do_sample"], label="do_sample (off = greedy)", elem_id=f"{prefix}-do-sample")
+        do_sample = gr.Checkbox(value=defaults["do_sample"], label="do_sample (off = greedy)", elem_id=f"{prefix}-do-sample")
     return [max_new_tokens, temperature, top_p, top_k, do_sample]
 
 
@@ -43,7 +43,7 @@ class ChatTab:
                 self.regenerate = gr.Button("Regenerate", min_width=80, elem_id="chat-regenerate")
                 self.clear = gr.Button("Clear", min_width=80, elem_id="chat-clear")
             self.system_prompt = gr.Textbox(label="System prompt", placeholder="(the model's own default when empty)", lines=2)
-            self.params = render_sampling_controls("chat")
+            self.params = render_sampling_controls("chat", slider_defaults(self.chat.sampling_defaults))
         self._wire()
 
     def _wire(self) -> None:

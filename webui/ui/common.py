@@ -8,9 +8,7 @@ from typing import Any, Optional
 
 from api.schemas import EASChatRequest
 from engine import SamplingParams
-
-# the WebUI starts from the API's defaults, so both surfaces behave alike
-DEFAULTS = {name: EASChatRequest.model_fields[name].default for name in ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample")}
+from engine.generation_defaults import GenerationDefaults
 
 #: seconds between two screen updates of a streaming answer
 STREAM_UPDATE_INTERVAL = 0.08
@@ -43,6 +41,12 @@ def to_pairs(messages: list[dict]) -> list[tuple[str, str]]:
             pairs.append((pending, text_of(message.get("content"))))
             pending = None
     return pairs
+
+
+def slider_defaults(defaults: GenerationDefaults) -> dict[str, Any]:
+    """Where the sliders open: what POST / gives a request that sets nothing, so both surfaces behave alike."""
+    params = EASChatRequest().sampling_params(defaults)
+    return {name: getattr(params, name) for name in ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample")}
 
 
 def sampling(max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any, do_sample: Any) -> SamplingParams:

@@ -17,6 +17,7 @@ from knowledge.service import KnowledgeService, Upload
 from knowledge.store import UnknownKnowledgeBaseError
 from webui.ui.answering import stream_answer
 from webui.ui.chat_tab import render_sampling_controls
+from webui.ui.common import slider_defaults
 
 DEFAULT_KB = "default"
 
@@ -78,7 +79,7 @@ class LangChainTab:
         with gr.Row():
             self.stop = gr.Button("Stop", variant="stop", min_width=80)
             self.clear = gr.Button("Clear", min_width=80)
-        self.params = render_sampling_controls("kb")
+        self.params = render_sampling_controls("kb", slider_defaults(self.chat.sampling_defaults))
 
     def _wire(self) -> None:
         listing = [self.file_table, self.delete_choice]
