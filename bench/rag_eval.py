@@ -1,6 +1,8 @@
 """Retrieval quality and speed on the rag-dev set, through the HTTP API.
 
     .venv/bin/python bench/rag_eval.py                 # starts its own server on a temp knowledge dir
+    .venv/bin/python bench/rag_eval.py --set rag-dev-zh
+    .venv/bin/python bench/rag_eval.py --embedding-model minilm
     .venv/bin/python bench/rag_eval.py --url http://127.0.0.1:8000 --token T
 
 Uploads every file of ../shared/rag-dev/docs to a fresh knowledge base, then
@@ -8,7 +10,9 @@ asks each question of questions.jsonl through POST /api/knowledge/{kb}/search.
 A hit is an `expect` substring (whitespace collapsed) inside a retrieved chunk.
 Prints one JSON report: hit@1/3/5 (all answerable, English, Chinese), whether
 the unanswerable questions were judged irrelevant, ingest chunks/s, and search
-latency p50/p99.
+latency p50/p99. With its own server it also embeds the same chunks with the
+same embedder in process, so ingestion speed can be read against the raw
+embedder's (`ingest_vs_raw_embedder`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Optional
 
 import requests
 
@@ -29,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.server_process import ROOT, running_server  # noqa: E402
 from bench.stats import percentile  # noqa: E402
 
-DEFAULT_SET = ROOT.parent / "shared" / "rag-dev"
+SETS = {"rag-dev": ROOT.parent / "shared" / "rag-dev", "rag-dev-zh": ROOT.parent / "shared" / "rag-dev-zh"}
 
 
 def _norm(text: str) -> str:
@@ -81,19 +86,38 @@ def evaluate(url: str, token: str, dataset: Path, kb: str, extra_rounds: int = 4
     }
 
 
+def raw_embedder(dataset: Path, model: Optional[str], ingest_chunks_per_s: float) -> dict:
+    """The same chunks through the same embedder, in this process, with the server idle."""
+    from bench.rag_options import chunk_texts
+    from knowledge.embeddings import build_embedder
+
+    texts = chunk_texts(dataset)
+    embedder = build_embedder(model)
+    embedder.encode(texts[:4])  # warm up
+    started = time.perf_counter()
+    embedder.encode(texts)
+    raw = len(texts) / (time.perf_counter() - started)
+    return {"raw_embedder_chunks_per_s": round(raw, 1), "ingest_vs_raw_embedder": round(ingest_chunks_per_s / raw, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="retrieval hit@k and speed on the rag-dev set")
     parser.add_argument("--url", help="a running server; default: start one on a temporary knowledge dir")
     parser.add_argument("--token", default="")
-    parser.add_argument("--dataset", type=Path, default=DEFAULT_SET)
+    parser.add_argument("--set", choices=sorted(SETS), default="rag-dev", help="which development set")
+    parser.add_argument("--dataset", type=Path, help="another folder in the same format (docs/, questions.jsonl)")
+    parser.add_argument("--embedding-model", help="passed to the server this script starts (default: its default)")
     parser.add_argument("--server-args", default="", help="extra flags for the server this script starts")
     args = parser.parse_args()
+    dataset = args.dataset or SETS[args.set]
     kb = f"ragdev-{uuid.uuid4().hex[:6]}"
     if args.url:
-        report = evaluate(args.url.rstrip("/"), args.token, args.dataset, kb)
+        report = evaluate(args.url.rstrip("/"), args.token, dataset, kb)
     else:
-        with tempfile.TemporaryDirectory() as tmp, running_server(["--knowledge-dir", tmp, *args.server_args.split()]) as url:
-            report = evaluate(url, args.token, args.dataset, kb)
+        flags = ["--knowledge-dir"] + (["--embedding-model", args.embedding_model] if args.embedding_model else [])
+        with tempfile.TemporaryDirectory() as tmp, running_server([flags[0], tmp, *flags[1:], *args.server_args.split()]) as url:
+            report = evaluate(url, args.token, dataset, kb)
+            report.update(raw_embedder(dataset, args.embedding_model, report["ingest_chunks_per_s"]))
     print(json.dumps(report, indent=2, ensure_ascii=False))
 
 

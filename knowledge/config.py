@@ -18,8 +18,9 @@ class KnowledgeConfig:
     embedding_model: Optional[str] = field(
         default=None,
         metadata={
-            "help": "sentence-transformers model directory or hub id (BGE v1.5, bge-m3, MiniLM...); "
-            "default: the embedded all-MiniLM-L6-v2",
+            "help": "embedding model: multilingual-e5-small (the default, bundled, 100 languages), "
+            "all-MiniLM-L6-v2 (bundled, English only, ~10x faster to ingest), or a sentence-transformers "
+            "model directory or hub id (BGE v1.5, bge-m3...)",
         },
     )
     chunk_size: int = field(
@@ -27,9 +28,10 @@ class KnowledgeConfig:
         metadata={"help": "characters per chunk (chosen by measurement on the rag-dev set; see bench/README.md)"},
     )
     chunk_overlap: int = field(default=DEFAULT_CHUNK_OVERLAP, metadata={"help": "characters shared by neighbouring chunks"})
-    score_threshold: float = field(
-        default=0.35,
-        metadata={"help": "a chunk counts as relevant from this cosine similarity (or a strong keyword match)"},
+    score_threshold: Optional[float] = field(
+        default=None,
+        metadata={"help": "a chunk counts as relevant from this cosine similarity (or a strong keyword match); "
+                          "default: the embedding model's calibrated value (0.85 for E5, 0.35 otherwise)"},
     )
     keyword_threshold: float = field(
         default=0.6,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from knowledge.config import KnowledgeConfig
-from knowledge.embeddings import SentenceEmbedder
+from knowledge.embeddings import Embedder
 from knowledge.jobs import FileResult, Job, JobRegistry
 from knowledge.loaders import LoaderError
 from knowledge.names import check_kb_name
@@ -64,7 +64,7 @@ class Retrieval:
 
 
 class KnowledgeService:
-    def __init__(self, config: KnowledgeConfig, embedder: SentenceEmbedder) -> None:
+    def __init__(self, config: KnowledgeConfig, embedder: Embedder) -> None:
         self.config = config
         self.embedder = embedder
         self.settings = SplitterSettings(config.chunk_size, config.chunk_overlap)
@@ -255,11 +255,14 @@ class KnowledgeService:
         return await asyncio.to_thread(self._search, base, query, top_k)
 
     def _search(self, base: KnowledgeBase, query: str, top_k: int) -> list[Hit]:
-        vector = self.embedder.encode([self.embedder.query_instruction + query])[0]
+        vector = self.embedder.query_vector(query)
         return base.search(query, vector, top_k)
 
     def is_relevant(self, hit: Hit) -> bool:
-        return hit.score >= self.config.score_threshold or hit.keyword_score >= self.config.keyword_threshold
+        threshold = self.config.score_threshold
+        if threshold is None:
+            threshold = self.embedder.relevance_threshold
+        return hit.score >= threshold or hit.keyword_score >= self.config.keyword_threshold
 
     async def retrieve(self, kb: str, question: str, top_k: int) -> Retrieval:
         base = self.get(kb)

@@ -19,8 +19,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from knowledge.embeddings import SentenceEmbedder
-from knowledge.lexical import BM25Index
+from knowledge.embeddings import Embedder
+from knowledge.lexical import BM25Index, fuse
 from knowledge.persistence import (
     StoredVersion,
     StoreFormatError,
@@ -35,7 +35,6 @@ from knowledge.splitting import Chunk, SplitterSettings
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 2  # 2: chunks in JSON and the index through faiss.write_index (1 pickled them)
-RRF_K = 60  # reciprocal-rank-fusion constant, as in the original RRF paper
 
 
 class KnowledgeBaseError(Exception):
@@ -87,7 +86,7 @@ class Hit:
                 "keyword_score": round(self.keyword_score, 4)}
 
 
-def _new_faiss(embedder: SentenceEmbedder, stored: Optional[StoredVersion] = None):
+def _new_faiss(embedder: Embedder, stored: Optional[StoredVersion] = None):
     """LangChain's FAISS store over a flat inner-product index: empty, or holding a stored version."""
     import faiss
     from langchain_community.docstore.in_memory import InMemoryDocstore
@@ -106,7 +105,7 @@ def _new_faiss(embedder: SentenceEmbedder, stored: Optional[StoredVersion] = Non
 
 
 class KnowledgeBase:
-    def __init__(self, name: str, folder: Path, embedder: SentenceEmbedder, splitter: SplitterSettings) -> None:
+    def __init__(self, name: str, folder: Path, embedder: Embedder, splitter: SplitterSettings) -> None:
         self.name = name
         self.folder = folder
         self._embedder = embedder
@@ -312,19 +311,9 @@ class KnowledgeBase:
                 return []
             depth = min(total, max(50, top_k * 10))
             dense_scores, dense_pos = index.search(query_vector.reshape(1, -1).astype(np.float32), depth)
-            dense_rank = {int(p): r for r, p in enumerate(dense_pos[0]) if p >= 0}
             dense_score = {int(p): float(s) for s, p in zip(dense_scores[0], dense_pos[0]) if p >= 0}
-
             lexical = self._lexical_index()
-            lex = lexical.scores(query)
-            lex_order = [int(p) for p in np.argsort(-lex)[:depth] if lex[p] > 0]
-            lex_rank = {p: r for r, p in enumerate(lex_order)}
-
-            fused = {
-                p: sum(1.0 / (RRF_K + 1 + ranks[p]) for ranks in (dense_rank, lex_rank) if p in ranks)
-                for p in set(dense_rank) | set(lex_rank)
-            }
-            best = sorted(fused, key=lambda p: -fused[p])[:top_k]
+            best = fuse(dense_pos[0], lexical.scores(query), depth, top_k)
             hits = []
             for pos in best:
                 doc_id = self._vectors.index_to_docstore_id[pos]

@@ -24,7 +24,7 @@ from chat import ChatService  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.factory import build_engine  # noqa: E402
 from knowledge.config import KnowledgeConfig  # noqa: E402
-from knowledge.embeddings import SentenceEmbedder  # noqa: E402
+from knowledge.embeddings import Embedder, build_embedder  # noqa: E402
 from knowledge.service import KnowledgeService  # noqa: E402
 
 TOKEN = "test-token-7f3a"
@@ -82,8 +82,8 @@ def engine():
 
 
 @pytest.fixture(scope="session")
-def embedder() -> SentenceEmbedder:
-    return SentenceEmbedder()
+def embedder() -> Embedder:
+    return build_embedder(None)
 
 
 @pytest.fixture(scope="session")

@@ -95,7 +95,7 @@ def _norm(text):
 
 
 def test_retrieval_quality_on_rag_dev(server, ragdev):
-    """The English rag-dev questions: hit@3 of at least 0.85 with the embedded MiniLM (bench/rag_eval.py reports all figures)."""
+    """The English rag-dev questions: hit@3 of at least 0.85 with the embedded E5 (bench/rag_eval.py reports all figures)."""
     questions = [json.loads(line) for line in (RAG_DEV / "questions.jsonl").read_text().splitlines() if line.strip()]
     english = [q for q in questions if q["doc"] and not re.search(r"[\u4e00-\u9fff]", q["question"])]
     hits = 0

@@ -49,7 +49,7 @@ def test_upload_job_reports_progress_until_done(server):
     assert {f["name"]: f["chunks"] for f in listing["files"]} == {f["name"]: f["chunks"] for f in job["files"]}
     assert listing["files"][0]["sha256"] and listing["chunks"] == job["chunks_total"]
     bases = {b["name"]: b for b in requests.get(f"{server.url}/api/knowledge", timeout=10).json()["knowledge_bases"]}
-    assert bases[kb]["files"] == 2 and bases[kb]["embedding"] == {"model": "sentence-transformers/all-MiniLM-L6-v2", "dimension": 384}
+    assert bases[kb]["files"] == 2 and bases[kb]["embedding"] == {"model": "intfloat/multilingual-e5-small", "dimension": 384}
 
 
 def test_search_returns_text_file_page_and_score(server):

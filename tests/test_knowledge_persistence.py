@@ -54,7 +54,7 @@ def test_other_embedding_model_is_refused_then_rebuilt(tmp_path, embedder, other
     reopened = KnowledgeService(config, other_embedder)
     base = reopened.get("docs")
     problem = base.mismatch()
-    assert "all-MiniLM-L6-v2" in problem and "384-d" in problem and "128-d" in problem and "rebuild" in problem
+    assert embedder.name in problem and "384-d" in problem and "128-d" in problem and "rebuild" in problem
     with pytest.raises(EmbeddingMismatchError):
         reopened._search(base, "okapis", 1)
     job, future = reopened.submit("docs", [Upload("new.md", b"# New\ntext")])

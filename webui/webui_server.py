@@ -55,12 +55,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from chat import ChatService
     from engine import ModelLoadError
     from engine.factory import build_engine
-    from knowledge.embeddings import EmbeddingLoadError, SentenceEmbedder
+    from knowledge.embeddings import EmbeddingLoadError, build_embedder
     from knowledge.service import KnowledgeService
 
     try:
         # the knowledge base first: its settings are checked in a second, the model takes longer
-        knowledge = KnowledgeService(knowledge_config, SentenceEmbedder(knowledge_config.embedding_model))
+        knowledge = KnowledgeService(knowledge_config, build_embedder(knowledge_config.embedding_model))
         engine = build_engine(engine_config)
     except (ModelLoadError, EmbeddingLoadError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
