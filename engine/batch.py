@@ -18,7 +18,7 @@ def _kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+def cache_of(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]):
     from transformers import DynamicCache
 
     return DynamicCache(ddp_cache_data=list(kv))
@@ -59,7 +59,7 @@ class RunningBatch:
             k = torch.cat([_pad_left(k1, width - k1.shape[-2], -2), _pad_left(k2, width - k2.shape[-2], -2)])
             v = torch.cat([_pad_left(v1, width - v1.shape[-2], -2), _pad_left(v2, width - v2.shape[-2], -2)])
             merged.append((k, v))
-        self.cache = _cache(merged)
+        self.cache = cache_of(merged)
         self.mask = torch.cat([_pad_left(self.mask, width - self.width, 1), _pad_left(mask, width - mask.shape[1], 1)])
         self.rows.extend(rows)
 
@@ -75,7 +75,7 @@ class RunningBatch:
         # leading columns no remaining row uses
         used = mask.sum(0) > 0
         start = int(torch.nonzero(used)[0]) if bool(used.any()) else 0
-        self.cache = _cache([(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in _kv(self.cache)])
+        self.cache = cache_of([(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in _kv(self.cache)])
         self.mask = mask[:, start:].contiguous()
         self.rows = [self.rows[i] for i in keep_rows]
 
@@ -120,7 +120,7 @@ def prefill_inputs(prompts: Sequence[Sequence[int]], pad_id: int, device, prefix
         "use_cache": True,
     }
     if past:
-        inputs["past_key_values"] = _cache(_stack_prefixes(prefixes, past))
+        inputs["past_key_values"] = cache_of(_stack_prefixes(prefixes, past))
     return inputs
 
 

@@ -30,8 +30,9 @@ class EngineConfig:
     precision: str = field(
         default="auto",
         metadata={
-            "help": "weights dtype; auto = bf16/fp16 on CUDA, fp32 on CPU",
-            "choices": ["auto", "fp32", "fp16", "bf16"],
+            "help": "weights dtype; auto = bf16/fp16 on CUDA, fp32 on CPU; int8 = dynamic int8 quantization of "
+                    "the linear layers (CPU); bench/README.md measures speed and answer agreement of each",
+            "choices": ["auto", "fp32", "fp16", "bf16", "int8"],
         },
     )
     device: str = field(
@@ -46,6 +47,12 @@ class EngineConfig:
         default="transformers",
         metadata={"help": "model runner", "choices": list(BACKENDS)},
     )
+    generation_config: str = field(
+        default="auto",
+        metadata={"help": "where default sampling settings come from for fields a request leaves out: auto = the "
+                          "model's generation_config.json, GGUF metadata or its card's recommendation; none = the "
+                          "protocol defaults; or a directory holding a generation_config.json"},
+    )
     served_model_name: Optional[str] = field(
         default=None,
         metadata={"help": "model name reported by the APIs; default: the model directory or file name"},
@@ -59,8 +66,9 @@ class EngineConfig:
         metadata={"help": "KV-cache budget in tokens (batch rows x padded length); requests beyond it wait"},
     )
     max_prefill_tokens: int = field(
-        default=8192,
-        metadata={"help": "most prompt tokens prefilled in one forward pass when several requests join"},
+        default=256,
+        metadata={"help": "most prompt tokens read between two decode steps: newcomers' prompts that fit join "
+                          "together, a longer prompt is read in chunks, so running streams never stall behind it"},
     )
     prefix_cache_tokens: int = field(
         default=4096,

@@ -104,6 +104,10 @@ def pick_device(requested: str) -> str:
 def pick_dtype(precision: str, device: str):
     import torch
 
+    if precision == "int8":
+        if device != "cpu":
+            raise ModelLoadError("--precision int8 (dynamic quantization) runs on CPU only; use bf16 or fp16 on CUDA")
+        return torch.float32  # loaded in fp32, then its Linear layers are quantized
     if precision == "auto":
         if device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -129,8 +133,18 @@ def load_model(source: ModelSource, config: EngineConfig):
         raise ModelLoadError(_explain_load_failure(source, exc)) from exc
     model.to(device)
     model.eval()
+    if config.precision == "int8":
+        model = quantize_int8(model)
     log.info("model loaded in %.1f s", time.monotonic() - started)
     return model, tokenizer, device
+
+
+def quantize_int8(model):
+    """Dynamic int8 quantization of every Linear layer: int8 weights, activations quantized per call (CPU)."""
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def _explain_load_failure(source: ModelSource, exc: Exception) -> str:

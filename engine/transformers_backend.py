@@ -1,10 +1,14 @@
 """The default backend: a transformers model driven by one scheduler thread, batching every user.
 
 All model work happens on a single worker thread, so the event loop never
-waits on torch. Each iteration admits waiting requests (one batched,
-left-padded prefill), then runs one decode step for every running sequence
-in a single forward pass (iteration-level "continuous" batching). Finished
-and cancelled sequences leave the batch at the next step.
+waits on torch. Each iteration spends at most `max_prefill_tokens` on
+prompts: waiting requests whose prompt fits join together (one batched,
+left-padded prefill), and a longer prompt is prefilled a chunk per iteration
+(chunked prefill). Then one decode step runs for every running sequence in a
+single forward pass (iteration-level "continuous" batching). So a newcomer
+waits for at most one iteration, and a long prompt never stalls the running
+streams for more than a chunk. Finished and cancelled sequences leave the
+batch at the next step.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from typing import AsyncIterator, Optional, Sequence, Union
 import torch
 
 from engine.base import Engine
-from engine.batch import RunningBatch, prefill_inputs, row_kv
+from engine.batch import RunningBatch, cache_of, prefill_inputs, row_kv
 from engine.detokenizer import IncrementalDetokenizer
-from engine.prefix_cache import PrefixCache
+from engine.generation_defaults import GenerationDefaults
+from engine.prefix_cache import PrefixCache, PrefixMatch
 from engine.prompting import PromptBuilder
 from engine.sampling import make_generator, sample_batch
 from engine.types import (
@@ -42,8 +47,20 @@ log = logging.getLogger(__name__)
 class BatchLimits:
     max_num_seqs: int = 32
     kv_cache_tokens: int = 131072
-    max_prefill_tokens: int = 8192
+    max_prefill_tokens: int = 256
     max_queue: int = 256
+
+#: a long prompt advances at least this much per iteration, even when newcomers took the budget
+MIN_CHUNK_TOKENS = 32
+
+
+@dataclass(eq=False)
+class _Chunked:
+    """A prompt too long for one iteration: its KV so far, and how many prompt tokens that covers."""
+
+    seq: "_Sequence"
+    cache: object  # transformers DynamicCache of this one row, no padding
+    done: int
 
 
 @dataclass(eq=False)
@@ -62,6 +79,7 @@ class _Sequence:
     output_counts: Optional[torch.Tensor] = None  # answer token counts, for presence/frequency penalties
     output_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
+    prefix: Optional[PrefixMatch] = None  # cached KV of the prompt's start, looked up when it is scheduled
 
     @property
     def generated(self) -> int:
@@ -78,19 +96,22 @@ class _Sequence:
 
 class TransformersEngine(Engine):
     def __init__(self, model, tokenizer, prompts: PromptBuilder, model_name: str, max_model_len: int,
-                 limits: BatchLimits = BatchLimits(), prefix_cache: Optional[PrefixCache] = None) -> None:
+                 limits: BatchLimits = BatchLimits(), prefix_cache: Optional[PrefixCache] = None,
+                 generation_defaults: GenerationDefaults = GenerationDefaults()) -> None:
         self._model = model
         self._tokenizer = tokenizer
         self._prompts = prompts
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.limits = limits
+        self.generation_defaults = generation_defaults
         self._prefixes = prefix_cache if prefix_cache is not None else PrefixCache(0)
         self._device = next(model.parameters()).device
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self._inbox: "queue.Queue[_Sequence]" = queue.Queue()
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._batch = RunningBatch()
+        self._chunking: Optional[_Chunked] = None  # the long prompt being prefilled, one at a time
         # request id -> sequence, for abort(); the worker reads `cancelled` flags
         self._live: dict[str, _Sequence] = {}
         self._live_lock = threading.Lock()
@@ -126,8 +147,11 @@ class TransformersEngine(Engine):
             "max_model_len": self.max_model_len,
             "chat_format": self._prompts.family,
             "running": len(self._batch),
-            "waiting": self._inbox.qsize() + len(self._waiting),
+            "waiting": self._inbox.qsize() + len(self._waiting) + (self._chunking is not None),
+            "prefilling": None if self._chunking is None else {
+                "done": self._chunking.done, "prompt_tokens": len(self._chunking.seq.prompt_ids)},
             "max_num_seqs": self.limits.max_num_seqs,
+            "generation_defaults": {"source": self.generation_defaults.source, **self.generation_defaults.values()},
             **self._stats,
             "prefix_cache": self._prefixes.stats(),
         }
@@ -185,11 +209,14 @@ class TransformersEngine(Engine):
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stopping.is_set():
-            self._collect(block=not self._batch and not self._waiting)
+            self._collect(block=not self._batch and not self._waiting and self._chunking is None)
             self._drop_cancelled()
-            joining = self._take_joiners()
+            budget = self.limits.max_prefill_tokens
+            joining = self._take_joiners(budget)
             if joining:
-                self._admit(joining)
+                budget -= self._admit(joining)
+            if self._chunking is not None:
+                self._advance_chunk(max(budget, MIN_CHUNK_TOKENS))
             if self._batch:
                 try:
                     self._decode_step()
@@ -198,16 +225,20 @@ class TransformersEngine(Engine):
                     self._fail(self._batch.rows)
                     self._batch = RunningBatch()
 
-    def _admit(self, joining: list[_Sequence]) -> None:
-        """Prefill the joiners together; if that fails, one by one, so only a request that fails alone is failed."""
+    def _admit(self, joining: list[_Sequence]) -> int:
+        """Prefill the joiners together; if that fails, one by one, so only a request that fails alone is failed.
+
+        Returns the prompt tokens computed (padding included), taken from this iteration's budget.
+        """
+        cost = max(self._fresh_tokens(s) for s in joining) * len(joining)
         try:
             self._prefill(joining)
-            return
+            return cost
         except Exception as exc:
             if len(joining) == 1:
                 log.exception("prefill failed for request %s", joining[0].request_id)
                 self._fail(joining)
-                return
+                return cost
             log.warning("batched prefill of %d requests failed (%s); prefilling them one by one", len(joining), exc)
         for seq in joining:
             try:
@@ -215,6 +246,7 @@ class TransformersEngine(Engine):
             except Exception:
                 log.exception("prefill failed for request %s", seq.request_id)
                 self._fail([seq])
+        return cost
 
     def _fail(self, rows: Sequence[_Sequence]) -> None:
         for seq in rows:
@@ -239,6 +271,10 @@ class TransformersEngine(Engine):
         for seq in [s for s in self._waiting if s.cancelled]:
             self._waiting.remove(seq)
             self._stats["aborted"] += 1
+        if self._chunking is not None and self._chunking.seq.cancelled:
+            log.info("request %s aborted while its prompt was read", self._chunking.seq.request_id)
+            self._chunking = None
+            self._stats["aborted"] += 1
         gone = [i for i, s in enumerate(self._batch.rows) if s.cancelled]
         if gone:
             for i in gone:
@@ -247,33 +283,85 @@ class TransformersEngine(Engine):
                 log.info("request %s aborted after %d tokens", seq.request_id, seq.generated)
             self._batch.keep([i for i in range(len(self._batch)) if i not in gone])
 
-    def _take_joiners(self) -> list[_Sequence]:
-        """Waiting requests that fit the batch, the KV budget and one prefill pass (FIFO)."""
+    def _fresh_tokens(self, seq: _Sequence) -> int:
+        """Prompt tokens the model must read for `seq` (those not found in the prefix cache)."""
+        if seq.prefix is None:
+            seq.prefix = self._prefixes.lookup(seq.prompt_ids)
+        return len(seq.prompt_ids) - seq.prefix.tokens
+
+    def _take_joiners(self, budget: int) -> list[_Sequence]:
+        """Waiting requests that fit the batch, the KV budget and this iteration's prefill budget.
+
+        FIFO, except that a prompt longer than the budget is moved to chunked
+        prefill (one at a time) and the short prompts behind it go ahead.
+        """
         joining: list[_Sequence] = []
-        rows = len(self._batch)
-        longest = max((s.reserved_tokens for s in self._batch.rows), default=0)
-        prefill_tokens = 0
-        while self._waiting and rows < self.limits.max_num_seqs:
-            seq = self._waiting[0]
+        in_flight = list(self._batch.rows) + ([self._chunking.seq] if self._chunking else [])
+        rows = len(in_flight)
+        longest = max((s.reserved_tokens for s in in_flight), default=0)
+        widest = 0
+        for seq in list(self._waiting):
+            if rows >= self.limits.max_num_seqs:
+                break
             new_longest = max(longest, seq.reserved_tokens)
             # left padding makes every row as wide as the widest: budget the padded size
             if (rows + 1) * new_longest > self.limits.kv_cache_tokens and rows > 0:
                 break
-            widest_prompt = max([len(s.prompt_ids) for s in joining] + [len(seq.prompt_ids)])
-            if joining and widest_prompt * (len(joining) + 1) > self.limits.max_prefill_tokens:
+            fresh = self._fresh_tokens(seq)
+            if fresh > budget:
+                if self._chunking is None:
+                    self._waiting.remove(seq)
+                    self._start_chunked(seq)
+                    rows, longest = rows + 1, new_longest
+                continue
+            if joining and max(widest, fresh) * (len(joining) + 1) > budget:
                 break
-            joining.append(self._waiting.popleft())
-            rows, longest = rows + 1, new_longest
-            prefill_tokens = widest_prompt * len(joining)
+            self._waiting.remove(seq)
+            joining.append(seq)
+            rows, longest, widest = rows + 1, new_longest, max(widest, fresh)
         if joining:
-            log.debug("admitting %d requests (%d prefill tokens)", len(joining), prefill_tokens)
+            log.debug("admitting %d requests (%d prefill tokens)", len(joining), widest * len(joining))
         return joining
+
+    def _start_chunked(self, seq: _Sequence) -> None:
+        from transformers import DynamicCache
+
+        match = seq.prefix
+        cache = cache_of(match.kv) if match.kv is not None else DynamicCache()
+        self._chunking = _Chunked(seq, cache, match.tokens)
+        log.debug("request %s: %d prompt tokens to read in chunks", seq.request_id, len(seq.prompt_ids) - match.tokens)
+
+    @torch.inference_mode()
+    def _advance_chunk(self, tokens: int) -> None:
+        """Read the next `tokens` of the long prompt; after the last chunk, sample its first token and join."""
+        state = self._chunking
+        seq = state.seq
+        start, end = state.done, min(len(seq.prompt_ids), state.done + tokens)
+        try:
+            out = self._model(
+                input_ids=torch.tensor([seq.prompt_ids[start:end]], device=self._device),
+                attention_mask=torch.ones((1, end), dtype=torch.long, device=self._device),
+                position_ids=torch.arange(start, end, device=self._device).unsqueeze(0),
+                past_key_values=state.cache, use_cache=True, logits_to_keep=1,
+            )
+        except Exception:
+            log.exception("prefill failed for request %s", seq.request_id)
+            self._chunking = None
+            self._fail([seq])
+            return
+        state.done = end
+        self._stats["prefill_tokens"] += end - start
+        if end < len(seq.prompt_ids):
+            return
+        self._chunking = None
+        mask = torch.ones((1, end), dtype=torch.long, device=self._device)
+        self._join([seq], out.logits[:, -1], state.cache, mask, [seq.prefix])
 
     @torch.inference_mode()
     def _prefill(self, joining: list[_Sequence]) -> None:
         from transformers import DynamicCache
 
-        prefixes = [self._prefixes.lookup(s.prompt_ids) for s in joining]
+        prefixes = [s.prefix if s.prefix is not None else self._prefixes.lookup(s.prompt_ids) for s in joining]
         inputs = prefill_inputs([s.prompt_ids for s in joining], self._pad_id, self._device, prefixes)
         cache = inputs.pop("past_key_values", None)
         if cache is None:
@@ -281,17 +369,23 @@ class TransformersEngine(Engine):
         # only the last position's logits are needed: skip the vocabulary projection for the rest
         out = self._model(**inputs, past_key_values=cache, logits_to_keep=1)
         self._stats["prefill_tokens"] += sum(len(s.prompt_ids) - m.tokens for s, m in zip(joining, prefixes))
+        self._join(joining, out.logits[:, -1], cache, inputs["attention_mask"], prefixes)
+
+    def _join(self, joining: list[_Sequence], logits: torch.Tensor, cache, mask: torch.Tensor,
+              prefixes: Sequence[PrefixMatch]) -> None:
+        """Prompts fully read: keep their KV for reuse, sample each first token, merge them into the batch."""
         if self._prefixes.enabled:
             # requests arriving meanwhile share these prompts' beginnings (the system prompt at least)
             for i, (seq, match) in enumerate(zip(joining, prefixes)):
                 if match.tokens < len(seq.prompt_ids) - 1:
-                    self._prefixes.store(seq.prompt_ids, lambda i=i: row_kv(cache, inputs["attention_mask"], i))
+                    self._prefixes.store(seq.prompt_ids, lambda i=i: row_kv(cache, mask, i))
         for seq in joining:
+            seq.prefix = None  # the cached tensors are not needed any more
             if seq.params.repetition_penalty != 1.0:
                 seq.seen_ids = torch.tensor(seq.prompt_ids, device=self._device)
-        tokens = self._sample(out.logits[:, -1], joining)
+        tokens = self._sample(logits, joining)
         fresh = RunningBatch()
-        fresh.add(joining, cache, inputs["attention_mask"])
+        fresh.add(joining, cache, mask)
         self._finish_step(fresh, tokens)
         if fresh:
             self._batch.add(fresh.rows, fresh.cache, fresh.mask)
