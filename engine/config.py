@@ -66,7 +66,7 @@ class EngineConfig:
         metadata={"help": "KV-cache budget in tokens (batch rows x padded length); requests beyond it wait"},
     )
     max_prefill_tokens: int = field(
-        default=256,
+        default=64,
         metadata={"help": "most prompt tokens read between two decode steps: newcomers' prompts that fit join "
                           "together, a longer prompt is read in chunks, so running streams never stall behind it"},
     )

@@ -4,8 +4,10 @@ All model work happens on a single worker thread, so the event loop never
 waits on torch. Each iteration spends at most `max_prefill_tokens` on
 prompts: waiting requests whose prompt fits join together (one batched,
 left-padded prefill), and a longer prompt is prefilled a chunk per iteration
-(chunked prefill). Then one decode step runs for every running sequence in a
-single forward pass (iteration-level "continuous" batching). So a newcomer
+(chunked prefill). Then one decode step runs for every running sequence,
+one forward pass per batch (iteration-level "continuous" batching); rows
+are grouped into batches of similar width, so one long prompt does not pad
+every short row to its length. So a newcomer
 waits for at most one iteration, and a long prompt never stalls the running
 streams for more than a chunk. Finished and cancelled sequences leave the
 batch at the next step.
@@ -47,11 +49,15 @@ log = logging.getLogger(__name__)
 class BatchLimits:
     max_num_seqs: int = 32
     kv_cache_tokens: int = 131072
-    max_prefill_tokens: int = 256
+    max_prefill_tokens: int = 64
     max_queue: int = 256
 
 #: a long prompt advances at least this much per iteration, even when newcomers took the budget
 MIN_CHUNK_TOKENS = 32
+#: rows join a batch whose width is within 2x (+ this many columns) of theirs
+WIDTH_SLACK = 128
+#: at most this many batches (one forward pass each per step); past it rows join the closest
+MAX_BATCHES = 4
 
 
 @dataclass(eq=False)
@@ -110,7 +116,8 @@ class TransformersEngine(Engine):
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self._inbox: "queue.Queue[_Sequence]" = queue.Queue()
         self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._batch = RunningBatch()
+        # rows of similar width share a batch: left padding makes a batch's every row as wide as its widest
+        self._batches: list[RunningBatch] = []
         self._chunking: Optional[_Chunked] = None  # the long prompt being prefilled, one at a time
         # request id -> sequence, for abort(); the worker reads `cancelled` flags
         self._live: dict[str, _Sequence] = {}
@@ -146,7 +153,8 @@ class TransformersEngine(Engine):
             "dtype": str(self._model.dtype).removeprefix("torch."),
             "max_model_len": self.max_model_len,
             "chat_format": self._prompts.family,
-            "running": len(self._batch),
+            "running": self._running,
+            "batches": len(self._batches),
             "waiting": self._inbox.qsize() + len(self._waiting) + (self._chunking is not None),
             "prefilling": None if self._chunking is None else {
                 "done": self._chunking.done, "prompt_tokens": len(self._chunking.seq.prompt_ids)},
@@ -209,7 +217,7 @@ class TransformersEngine(Engine):
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stopping.is_set():
-            self._collect(block=not self._batch and not self._waiting and self._chunking is None)
+            self._collect(block=not self._batches and not self._waiting and self._chunking is None)
             self._drop_cancelled()
             budget = self.limits.max_prefill_tokens
             joining = self._take_joiners(budget)
@@ -217,13 +225,18 @@ class TransformersEngine(Engine):
                 budget -= self._admit(joining)
             if self._chunking is not None:
                 self._advance_chunk(max(budget, MIN_CHUNK_TOKENS))
-            if self._batch:
+            for batch in list(self._batches):
                 try:
-                    self._decode_step()
+                    self._decode_step(batch)
                 except Exception:  # a forward pass cannot be split by row: fail the batch, keep serving
                     log.exception("decode step failed")
-                    self._fail(self._batch.rows)
-                    self._batch = RunningBatch()
+                    self._fail(batch.rows)
+                    batch.keep([])
+            self._batches = [b for b in self._batches if b]
+
+    @property
+    def _running(self) -> int:
+        return sum(len(b) for b in self._batches)
 
     def _admit(self, joining: list[_Sequence]) -> int:
         """Prefill the joiners together; if that fails, one by one, so only a request that fails alone is failed.
@@ -275,13 +288,15 @@ class TransformersEngine(Engine):
             log.info("request %s aborted while its prompt was read", self._chunking.seq.request_id)
             self._chunking = None
             self._stats["aborted"] += 1
-        gone = [i for i, s in enumerate(self._batch.rows) if s.cancelled]
-        if gone:
+        for batch in self._batches:
+            gone = [i for i, s in enumerate(batch.rows) if s.cancelled]
             for i in gone:
-                seq = self._batch.rows[i]
+                seq = batch.rows[i]
                 self._stats["aborted"] += 1
                 log.info("request %s aborted after %d tokens", seq.request_id, seq.generated)
-            self._batch.keep([i for i in range(len(self._batch)) if i not in gone])
+            if gone:
+                batch.keep([i for i in range(len(batch)) if i not in gone])
+        self._batches = [b for b in self._batches if b]
 
     def _fresh_tokens(self, seq: _Sequence) -> int:
         """Prompt tokens the model must read for `seq` (those not found in the prefix cache)."""
@@ -296,7 +311,7 @@ class TransformersEngine(Engine):
         prefill (one at a time) and the short prompts behind it go ahead.
         """
         joining: list[_Sequence] = []
-        in_flight = list(self._batch.rows) + ([self._chunking.seq] if self._chunking else [])
+        in_flight = [s for b in self._batches for s in b.rows] + ([self._chunking.seq] if self._chunking else [])
         rows = len(in_flight)
         longest = max((s.reserved_tokens for s in in_flight), default=0)
         widest = 0
@@ -388,14 +403,32 @@ class TransformersEngine(Engine):
         fresh.add(joining, cache, mask)
         self._finish_step(fresh, tokens)
         if fresh:
-            self._batch.add(fresh.rows, fresh.cache, fresh.mask)
-            self._stats["peak_batch"] = max(self._stats["peak_batch"], len(self._batch))
+            self._place(fresh)
+            self._stats["peak_batch"] = max(self._stats["peak_batch"], self._running)
+
+    def _place(self, fresh: RunningBatch) -> None:
+        """Merge newly prefilled rows into a running batch of similar width, or start a batch of their own.
+
+        One 2,000-token prompt merged into eight short rows would make all nine
+        2,000 wide: every step would copy and attend over the padding, and the
+        merge itself moves every row's KV (measured: joining took 4.2 s, then
+        0.36 s a step instead of 0.09). A separate batch costs one more forward
+        pass per step, which is far less.
+        """
+        width = fresh.width
+        fits = [b for b in self._batches if max(b.width, width) <= 2 * min(b.width, width) + WIDTH_SLACK]
+        if not fits and len(self._batches) >= MAX_BATCHES:
+            fits = [min(self._batches, key=lambda b: max(b.width, width) * (len(b) + len(fresh)))]
+        if fits:
+            fits[0].add(fresh.rows, fresh.cache, fresh.mask)
+        else:
+            self._batches.append(fresh)
 
     @torch.inference_mode()
-    def _decode_step(self) -> None:
-        rows = self._batch.rows
-        out = self._model(**self._batch.step_inputs([s.last_token for s in rows]))
-        self._finish_step(self._batch, self._sample(out.logits[:, -1], rows))
+    def _decode_step(self, batch: RunningBatch) -> None:
+        rows = batch.rows
+        out = self._model(**batch.step_inputs([s.last_token for s in rows]))
+        self._finish_step(batch, self._sample(out.logits[:, -1], rows))
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[_Sequence]) -> list[Union[int, Exception]]:
         for seq in rows:

@@ -10,7 +10,7 @@ from engine import ChatMessage, SamplingParams
 from engine.prefix_cache import PrefixCache
 
 GREEDY = SamplingParams(max_new_tokens=12, do_sample=False)
-# about 2,600 prompt tokens: ten chunks at the default budget of 256
+# about 2,600 prompt tokens: forty chunks at the default budget of 64
 LONG_TEXT = "Here is a list of items to remember: " + " ".join(f"item{k} is {k * 7 % 13}" for k in range(420)) + ". Which item comes first?"
 
 
@@ -112,3 +112,25 @@ def test_cancelling_during_a_chunked_read_frees_the_engine(engine, limits):
     busy, freed = asyncio.run(scenario())
     assert busy is not None and 0 < busy["done"] < busy["prompt_tokens"]
     assert freed
+
+
+def test_a_long_row_decodes_in_its_own_batch(engine):
+    """Merged into the short rows' batch, its width would pad every row to ~2,600 columns."""
+
+    async def scenario():
+        seen = []
+
+        async def short(i):
+            params = SamplingParams(max_new_tokens=120, do_sample=False, ignore_eos=True)
+            await _collect(engine, [ChatMessage("user", f"({i}) Count to a hundred.")], params)
+
+        async def long():
+            await asyncio.sleep(0.3)
+            params = SamplingParams(max_new_tokens=6, do_sample=False, ignore_eos=True)
+            async for chunk in engine.generate(_long_messages("own batch"), params, uuid.uuid4().hex):
+                seen.append(engine.health()["batches"])
+
+        await asyncio.gather(short(1), short(2), long())
+        return seen
+
+    assert 2 in asyncio.run(scenario())

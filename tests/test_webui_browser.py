@@ -156,6 +156,25 @@ def test_regenerate_and_clear(page, server, artifacts):
     expect(page.locator('#chat-window [data-testid="user"]')).to_have_count(0)
 
 
+def test_untouched_sliders_answer_with_the_model_defaults(page, server, artifacts):
+    """The sliders open at the embedded model's recommended values; sampled with them, Paris 9 times in 10."""
+    page.locator("#chat-params").get_by_text("Parameters").click()
+    for slider, value in (("max-new-tokens", "512"), ("temperature", "0.2"), ("top-p", "0.5"), ("top-k", "30")):
+        expect(page.locator(f"#chat-{slider} input[type=range]")).to_have_value(value)
+    expect(page.locator("#chat-do-sample input")).to_be_checked()
+    answers = []
+    for _ in range(10):
+        before, started = _engine(server)["requests"], time.monotonic()
+        _send(page, "What is the capital of France?")
+        _wait_idle(server, timeout=60, requests_before=before)
+        assert time.monotonic() - started < 30
+        answers.append(_settled(page)[-1])
+        page.click("#chat-clear")
+        expect(page.locator('#chat-window [data-testid="user"]')).to_have_count(0)
+    page.screenshot(path=artifacts / "04b-default-sampling.png", full_page=True)
+    assert sum("paris" in a.lower() for a in answers) >= 9, answers
+
+
 def test_errors_are_shown_in_the_page(page, server, artifacts):
     page.fill("#chat-input textarea", "word " * 9000)
     page.click("#chat-send")
