@@ -19,9 +19,9 @@ def _kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def cache_of(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]):
-    from transformers import DynamicCache
+    from engine.kv_cache import GrowingCache
 
-    return DynamicCache(ddp_cache_data=list(kv))
+    return GrowingCache(kv)
 
 
 def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:

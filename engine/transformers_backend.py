@@ -29,6 +29,7 @@ from engine.base import Engine
 from engine.batch import RunningBatch, cache_of, prefill_inputs, row_kv
 from engine.detokenizer import IncrementalDetokenizer
 from engine.generation_defaults import GenerationDefaults
+from engine.kv_cache import GrowingCache
 from engine.prefix_cache import PrefixCache, PrefixMatch
 from engine.prompting import PromptBuilder
 from engine.sampling import make_generator, sample_batch
@@ -65,7 +66,7 @@ class _Chunked:
     """A prompt too long for one iteration: its KV so far, and how many prompt tokens that covers."""
 
     seq: "_Sequence"
-    cache: object  # transformers DynamicCache of this one row, no padding
+    cache: GrowingCache  # this one row's KV, no padding
     done: int
 
 
@@ -339,10 +340,8 @@ class TransformersEngine(Engine):
         return joining
 
     def _start_chunked(self, seq: _Sequence) -> None:
-        from transformers import DynamicCache
-
         match = seq.prefix
-        cache = cache_of(match.kv) if match.kv is not None else DynamicCache()
+        cache = cache_of(match.kv) if match.kv is not None else GrowingCache()
         self._chunking = _Chunked(seq, cache, match.tokens)
         log.debug("request %s: %d prompt tokens to read in chunks", seq.request_id, len(seq.prompt_ids) - match.tokens)
 
@@ -374,13 +373,11 @@ class TransformersEngine(Engine):
 
     @torch.inference_mode()
     def _prefill(self, joining: list[_Sequence]) -> None:
-        from transformers import DynamicCache
-
         prefixes = [s.prefix if s.prefix is not None else self._prefixes.lookup(s.prompt_ids) for s in joining]
         inputs = prefill_inputs([s.prompt_ids for s in joining], self._pad_id, self._device, prefixes)
         cache = inputs.pop("past_key_values", None)
         if cache is None:
-            cache = DynamicCache()
+            cache = GrowingCache()
         # only the last position's logits are needed: skip the vocabulary projection for the rest
         out = self._model(**inputs, past_key_values=cache, logits_to_keep=1)
         self._stats["prefill_tokens"] += sum(len(s.prompt_ids) - m.tokens for s, m in zip(joining, prefixes))
