@@ -21,6 +21,8 @@ def _build_transformers(config: EngineConfig, source: ModelSource) -> Engine:
     from engine.prefix_cache import PrefixCache
     from engine.transformers_backend import BatchLimits, TransformersEngine
 
+    if config.max_prefill_tokens < 1:
+        raise ModelLoadError(f"--max-prefill-tokens must be at least 1 (got {config.max_prefill_tokens})")
     model, tokenizer, _ = load_model(source, config)
     name = config.served_model_name or source.display_name
     eos = model.generation_config.eos_token_id if model.generation_config else None

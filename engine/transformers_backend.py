@@ -7,10 +7,9 @@ left-padded prefill), and a longer prompt is prefilled a chunk per iteration
 (chunked prefill). Then one decode step runs for every running sequence,
 one forward pass per batch (iteration-level "continuous" batching); rows
 are grouped into batches of similar width, so one long prompt does not pad
-every short row to its length. So a newcomer
-waits for at most one iteration, and a long prompt never stalls the running
-streams for more than a chunk. Finished and cancelled sequences leave the
-batch at the next step.
+every short row to its length. So a newcomer waits for at most one
+iteration, and a long prompt never stalls the running streams for more than
+a chunk. Finished and cancelled sequences leave the batch at the next step.
 """
 
 from __future__ import annotations
@@ -52,6 +51,7 @@ class BatchLimits:
     kv_cache_tokens: int = 131072
     max_prefill_tokens: int = 64
     max_queue: int = 256
+
 
 #: a long prompt advances at least this much per iteration, even when newcomers took the budget
 MIN_CHUNK_TOKENS = 32

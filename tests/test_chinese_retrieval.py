@@ -6,6 +6,7 @@ import re
 import pytest
 import requests
 
+from knowledge.embeddings import MAX_QUERY_CHARS
 from tests.conftest import RAG_DEV
 
 RAG_DEV_ZH = RAG_DEV.parent / "rag-dev-zh"
@@ -101,3 +102,13 @@ def test_grounded_chinese_answer_names_its_source(server, mixed_base):
                                             "max_new_tokens": 30}, timeout=300).json()
     assert reply["sources"] and reply["sources"][0]["file"] == "tea.md"
     assert "冰箱" in reply["sources"][0]["text"]
+
+
+def test_odd_queries_reach_the_embedder_safely(server, mixed_base, embedder):
+    """A lone surrogate is valid JSON but not UTF-8; a huge question is embedded from its start only."""
+    odd = requests.post(f"{server.url}/api/knowledge/{MIXED_KB}/search", json={"query": "\ud800 龙井茶 tea"}, timeout=60)
+    assert odd.status_code == 400 and odd.json()["error"]["param"] == "query"  # the schema refuses it first
+    # callers inside the server (the WebUI) reach the C engine directly: it gets "?" instead
+    assert (embedder.query_vector("\ud800 龙井茶 tea") == embedder.query_vector("? 龙井茶 tea")).all()
+    start = "龙井茶怎么保存？" + "茶" * (MAX_QUERY_CHARS - 8)
+    assert (embedder.query_vector(start + "水" * 100_000) == embedder.query_vector(start)).all()

@@ -284,9 +284,9 @@ _SAVER = """
 import sys, itertools
 sys.path.insert(0, {root!r})
 from knowledge.config import KnowledgeConfig
-from knowledge.embeddings import SentenceEmbedder
+from knowledge.embeddings import build_embedder
 from knowledge.service import KnowledgeService, Upload
-service = KnowledgeService(KnowledgeConfig(knowledge_dir={folder!r}), SentenceEmbedder())
+service = KnowledgeService(KnowledgeConfig(knowledge_dir={folder!r}), build_embedder(None))
 print("ready", flush=True)
 for i in itertools.count():
     job, future = service.submit("docs", [Upload(f"f{{i % 7}}.md", f"# File {{i}}\\nRevision {{i}} of this file.".encode())])
