@@ -19,7 +19,6 @@ import collections
 import logging
 import queue
 import threading
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Sequence, Union
 
 import torch
@@ -32,6 +31,7 @@ from engine.kv_cache import GrowingCache
 from engine.prefix_cache import PrefixCache, PrefixMatch
 from engine.prompting import PromptBuilder
 from engine.sampling import make_generator, sample_batch
+from engine.sequences import MAX_BATCHES, MIN_CHUNK_TOKENS, WIDTH_SLACK, BatchLimits, ChunkedPrompt, SequenceState
 from engine.types import (
     ChatMessage,
     EngineError,
@@ -43,62 +43,6 @@ from engine.types import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BatchLimits:
-    max_num_seqs: int = 32
-    kv_cache_tokens: int = 131072
-    max_prefill_tokens: int = 64
-    max_queue: int = 256
-
-
-#: a long prompt advances at least this much per iteration, even when newcomers took the budget
-MIN_CHUNK_TOKENS = 32
-#: rows join a batch whose width is within 2x (+ this many columns) of theirs
-WIDTH_SLACK = 128
-#: at most this many batches (one forward pass each per step); past it rows join the closest
-MAX_BATCHES = 4
-
-
-@dataclass(eq=False)
-class _Chunked:
-    """A prompt too long for one iteration: its KV so far, and how many prompt tokens that covers."""
-
-    seq: "_Sequence"
-    cache: GrowingCache  # this one row's KV, no padding
-    done: int
-
-
-@dataclass(eq=False)
-class _Sequence:
-    """One request's state, owned by the worker thread once submitted."""
-
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_new_tokens: int
-    loop: asyncio.AbstractEventLoop
-    outbox: asyncio.Queue
-    detokenizer: IncrementalDetokenizer
-    generator: torch.Generator
-    seen_ids: Optional[torch.Tensor] = None  # prompt + answer, for repetition_penalty
-    output_counts: Optional[torch.Tensor] = None  # answer token counts, for presence/frequency penalties
-    output_ids: list[int] = field(default_factory=list)
-    cancelled: bool = False
-    prefix: Optional[PrefixMatch] = None  # cached KV of the prompt's start, looked up when it is scheduled
-
-    @property
-    def generated(self) -> int:
-        return len(self.output_ids)
-
-    @property
-    def last_token(self) -> int:
-        return self.output_ids[-1]
-
-    @property
-    def reserved_tokens(self) -> int:
-        return len(self.prompt_ids) + self.max_new_tokens
 
 
 class TransformersEngine(Engine):
@@ -115,13 +59,13 @@ class TransformersEngine(Engine):
         self._prefixes = prefix_cache if prefix_cache is not None else PrefixCache(0)
         self._device = next(model.parameters()).device
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        self._inbox: "queue.Queue[_Sequence]" = queue.Queue()
-        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._inbox: "queue.Queue[SequenceState]" = queue.Queue()
+        self._waiting: collections.deque[SequenceState] = collections.deque()
         # rows of similar width share a batch: left padding makes a batch's every row as wide as its widest
         self._batches: list[RunningBatch] = []
-        self._chunking: Optional[_Chunked] = None  # the long prompt being prefilled, one at a time
+        self._chunking: Optional[ChunkedPrompt] = None  # the long prompt being prefilled, one at a time
         # request id -> sequence, for abort(); the worker reads `cancelled` flags
-        self._live: dict[str, _Sequence] = {}
+        self._live: dict[str, SequenceState] = {}
         self._live_lock = threading.Lock()
         self._stopping = threading.Event()
         self._stats = {"requests": 0, "tokens_generated": 0, "aborted": 0, "rejected": 0, "steps": 0, "peak_batch": 0,
@@ -180,7 +124,7 @@ class TransformersEngine(Engine):
             raise EngineOverloadedError(
                 f"the server is busy: {self.limits.max_queue} requests are already waiting; retry shortly"
             )
-        seq = _Sequence(
+        seq = SequenceState(
             request_id=request_id,
             prompt_ids=prompt_ids,
             params=params,
@@ -239,7 +183,7 @@ class TransformersEngine(Engine):
     def _running(self) -> int:
         return sum(len(b) for b in self._batches)
 
-    def _admit(self, joining: list[_Sequence]) -> int:
+    def _admit(self, joining: list[SequenceState]) -> int:
         """Prefill the joiners together; if that fails, one by one, so only a request that fails alone is failed.
 
         Returns the prompt tokens computed (padding included), taken from this iteration's budget.
@@ -262,7 +206,7 @@ class TransformersEngine(Engine):
                 self._fail([seq])
         return cost
 
-    def _fail(self, rows: Sequence[_Sequence]) -> None:
+    def _fail(self, rows: Sequence[SequenceState]) -> None:
         for seq in rows:
             self._stats["failed"] += 1
             # the details are in the log; the client gets a sentence without internals
@@ -299,19 +243,19 @@ class TransformersEngine(Engine):
                 batch.keep([i for i in range(len(batch)) if i not in gone])
         self._batches = [b for b in self._batches if b]
 
-    def _fresh_tokens(self, seq: _Sequence) -> int:
+    def _fresh_tokens(self, seq: SequenceState) -> int:
         """Prompt tokens the model must read for `seq` (those not found in the prefix cache)."""
         if seq.prefix is None:
             seq.prefix = self._prefixes.lookup(seq.prompt_ids)
         return len(seq.prompt_ids) - seq.prefix.tokens
 
-    def _take_joiners(self, budget: int) -> list[_Sequence]:
+    def _take_joiners(self, budget: int) -> list[SequenceState]:
         """Waiting requests that fit the batch, the KV budget and this iteration's prefill budget.
 
         FIFO, except that a prompt longer than the budget is moved to chunked
         prefill (one at a time) and the short prompts behind it go ahead.
         """
-        joining: list[_Sequence] = []
+        joining: list[SequenceState] = []
         in_flight = [s for b in self._batches for s in b.rows] + ([self._chunking.seq] if self._chunking else [])
         rows = len(in_flight)
         longest = max((s.reserved_tokens for s in in_flight), default=0)
@@ -339,10 +283,10 @@ class TransformersEngine(Engine):
             log.debug("admitting %d requests (%d prefill tokens)", len(joining), widest * len(joining))
         return joining
 
-    def _start_chunked(self, seq: _Sequence) -> None:
+    def _start_chunked(self, seq: SequenceState) -> None:
         match = seq.prefix
         cache = cache_of(match.kv) if match.kv is not None else GrowingCache()
-        self._chunking = _Chunked(seq, cache, match.tokens)
+        self._chunking = ChunkedPrompt(seq, cache, match.tokens)
         log.debug("request %s: %d prompt tokens to read in chunks", seq.request_id, len(seq.prompt_ids) - match.tokens)
 
     @torch.inference_mode()
@@ -372,7 +316,7 @@ class TransformersEngine(Engine):
         self._join([seq], out.logits[:, -1], state.cache, mask, [seq.prefix])
 
     @torch.inference_mode()
-    def _prefill(self, joining: list[_Sequence]) -> None:
+    def _prefill(self, joining: list[SequenceState]) -> None:
         prefixes = [s.prefix if s.prefix is not None else self._prefixes.lookup(s.prompt_ids) for s in joining]
         inputs = prefill_inputs([s.prompt_ids for s in joining], self._pad_id, self._device, prefixes)
         cache = inputs.pop("past_key_values", None)
@@ -383,7 +327,7 @@ class TransformersEngine(Engine):
         self._stats["prefill_tokens"] += sum(len(s.prompt_ids) - m.tokens for s, m in zip(joining, prefixes))
         self._join(joining, out.logits[:, -1], cache, inputs["attention_mask"], prefixes)
 
-    def _join(self, joining: list[_Sequence], logits: torch.Tensor, cache, mask: torch.Tensor,
+    def _join(self, joining: list[SequenceState], logits: torch.Tensor, cache, mask: torch.Tensor,
               prefixes: Sequence[PrefixMatch]) -> None:
         """Prompts fully read: keep their KV for reuse, sample each first token, merge them into the batch."""
         if self._prefixes.enabled:
@@ -427,7 +371,7 @@ class TransformersEngine(Engine):
         out = self._model(**batch.step_inputs([s.last_token for s in rows]))
         self._finish_step(batch, self._sample(out.logits[:, -1], rows))
 
-    def _sample(self, logits: torch.Tensor, rows: Sequence[_Sequence]) -> list[Union[int, Exception]]:
+    def _sample(self, logits: torch.Tensor, rows: Sequence[SequenceState]) -> list[Union[int, Exception]]:
         for seq in rows:
             if seq.params.counts_output and seq.output_counts is None:
                 seq.output_counts = torch.zeros(logits.shape[-1], device=logits.device)
@@ -458,7 +402,7 @@ class TransformersEngine(Engine):
                 self._prefixes.store(seq.prompt_ids + seq.output_ids[:-1], lambda i=i: row_kv(batch.cache, batch.mask, i))
         batch.keep(keep)
 
-    def _accept(self, seq: _Sequence, token: int) -> bool:
+    def _accept(self, seq: SequenceState, token: int) -> bool:
         """Record one generated token; returns True when the sequence is finished."""
         seq.output_ids.append(token)
         self._stats["tokens_generated"] += 1
@@ -481,7 +425,7 @@ class TransformersEngine(Engine):
             self._emit(seq, GenerationChunk(delta=delta, usage=usage))
         return False
 
-    def _emit(self, seq: _Sequence, item) -> None:
+    def _emit(self, seq: SequenceState, item) -> None:
         try:
             seq.loop.call_soon_threadsafe(seq.outbox.put_nowait, item)
         except RuntimeError:
