@@ -222,7 +222,8 @@ def test_upload_vectorise_and_answer_with_sources(page, server, artifacts, tmp_p
         if page.locator(".progress-text, .progress-level, .eta-bar").count():
             saw_progress = True
             page.screenshot(path=artifacts / "08-vectorising.png", full_page=True)
-        if "done" in page.locator("#kb-result").inner_text():
+        # the progress bar's own label may read "done - 100.0%" before the result table replaces it
+        if f"Knowledge base {kb}: done" in page.locator("#kb-result").inner_text().replace("`", ""):
             break
         time.sleep(0.1)
     result = page.locator("#kb-result").inner_text()
