@@ -74,10 +74,8 @@ class _Common(BaseModel):
 
     def sampling_params(self, max_new_tokens: int, defaults: GenerationDefaults = GenerationDefaults()) -> SamplingParams:
         """Fields the client sent are used exactly; for the others the model's defaults, then OpenAI's."""
-        sent = self.model_fields_set
-
         def pick(name: str):
-            return getattr(self, name) if name in sent else defaults.get(name, getattr(self, name))
+            return defaults.for_field(self, name)
 
         temperature = pick("temperature")
         return SamplingParams(

@@ -86,10 +86,8 @@ class EASChatRequest(BaseModel):
 
     def sampling_params(self, defaults: GenerationDefaults = GenerationDefaults()) -> SamplingParams:
         """Fields the client sent are used exactly; for the others the model's defaults, then the protocol's."""
-        sent = self.model_fields_set
-
         def pick(name: str):
-            return getattr(self, name) if name in sent else defaults.get(name, getattr(self, name))
+            return defaults.for_field(self, name)
 
         return SamplingParams(
             max_new_tokens=pick("max_new_tokens"),

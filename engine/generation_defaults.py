@@ -60,6 +60,11 @@ class GenerationDefaults:
         value = getattr(self, name)
         return fallback if value is None else value
 
+    def for_field(self, request: Any, name: str) -> Any:
+        """A pydantic request's field: exactly as sent, else the model's default, else the schema's."""
+        sent = getattr(request, name)
+        return sent if name in request.model_fields_set else self.get(name, sent)
+
     def values(self) -> dict[str, Any]:
         """The fields the model sets (for /health and the log)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source" and getattr(self, f.name) is not None}
