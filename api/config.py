@@ -61,6 +61,11 @@ class ServerConfig:
     ws_max_pending: int = field(
         default=8, metadata={"help": "frames a WebSocket may have waiting for an answer; past it the server stops reading"},
     )
+    data_dir: str = field(
+        default="data",
+        metadata={"help": "folder (relative to the working directory) for the service's data: chat_history.db and, "
+                          "unless --knowledge-dir says otherwise, the knowledge bases"},
+    )
     api_only: bool = field(default=False, metadata={"help": "serve only the APIs, not the WebUI page"})
     ui_concurrency: int = field(
         default=16,

@@ -21,16 +21,18 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Optional
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from api.body import too_large
 from api.config import ServerConfig
+from api.conversation import conversation_from
 from api.eas_codec import parse_body, validate
 from api.errors import to_api_error
 from api.pacing import CumulativePacer
-from chat import ChatService
+from chat import ChatService, ConversationRef
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -48,6 +50,9 @@ class Conversation:
     history: list[tuple[str, str]] = field(default_factory=list)
     busy: bool = False  # an answer is being produced
     last_activity: float = field(default_factory=time.monotonic)
+    ref: Optional[ConversationRef] = None  # the stored session this connection continues, with history on
+    loaded: bool = False  # the stored turns were read (on the first frame)
+    told_session: bool = False  # the first reply names the session
 
     def remember(self, prompt: str, answer: str) -> None:
         """Append a turn; the oldest go past the turn or size bound (the newest are what a next answer needs)."""
@@ -67,8 +72,13 @@ class SendTimeout(Exception):
 async def eas_websocket(websocket: WebSocket) -> None:
     settings: ServerConfig = websocket.app.state.settings
     chat: ChatService = websocket.app.state.chat
-    await websocket.accept()
-    conversation = Conversation(max_turns=chat.limits.max_history_turns, max_chars=settings.max_request_bytes)
+    try:
+        ref = conversation_from(websocket.headers, chat, explicit_history=True)
+    except Exception as exc:  # a malformed X-Session-Id: refused at the upgrade, with the reason
+        await websocket.close(code=1008, reason=str(exc)[:120])
+        return
+    await websocket.accept(headers=[(b"x-session-id", ref.session_id.encode())] if ref else None)
+    conversation = Conversation(max_turns=chat.limits.max_history_turns, max_chars=settings.max_request_bytes, ref=ref)
     frames: asyncio.Queue[str | bytes] = asyncio.Queue(maxsize=max(settings.ws_max_pending, 1))
     tasks = {
         asyncio.create_task(_read_frames(websocket, frames, conversation)),
@@ -143,6 +153,11 @@ async def _answer(websocket: WebSocket, chat: ChatService, conversation: Convers
         raise too_large(settings.max_request_bytes)
     fields = parse_body(data, None, json_expected=True, max_depth=settings.max_json_depth)
     req = validate(fields)
+    if conversation.ref is not None and not conversation.loaded:
+        conversation.loaded = True
+        if conversation.ref.named and "history" not in fields:
+            stored = await chat.history.turns_for(conversation.ref.session_id, conversation.ref.user_id, conversation.max_turns)
+            conversation.history = list(stored or [])
     if "history" in fields:
         conversation.history = [tuple(p) for p in req.history]
     if "system_prompt" in fields:
@@ -150,6 +165,9 @@ async def _answer(websocket: WebSocket, chat: ChatService, conversation: Convers
     if not req.prompt.strip():
         return  # a settings-only frame: answered with <EOS> alone
     chat_request = req.to_chat_request(chat.sampling_defaults, system_prompt=conversation.system_prompt, history=conversation.history)
+    if conversation.ref is not None:
+        # the connection's own history is what the answer uses; the exchange is stored in the session
+        chat_request.conversation = replace(conversation.ref, use_stored=False)
     stream = req.use_stream_chat is not False  # streaming is the WebSocket default
     answer, sources, sent = "", None, ""
     pacer = CumulativePacer(len(data))
@@ -167,4 +185,7 @@ async def _answer(websocket: WebSocket, chat: ChatService, conversation: Convers
     if sources is not None:
         # grounded answers name their sources in one JSON frame before <EOS>
         await _send(websocket, json.dumps({"sources": sources}, ensure_ascii=False), settings.ws_send_timeout)
+    if conversation.ref is not None and not conversation.told_session:
+        conversation.told_session = True
+        await _send(websocket, json.dumps({"session_id": conversation.ref.session_id}), settings.ws_send_timeout)
     conversation.remember(req.prompt, answer)

@@ -12,6 +12,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chat import KnowledgeUnavailableError, RequestLimitError
+from history import HistoryUnavailable, SessionNotFound
+from history.repository import BadCursor
 from engine import EngineError, EngineOverloadedError, PromptTooLongError
 from knowledge.loaders import LoaderError
 from knowledge.names import NameError_
@@ -66,6 +68,12 @@ def to_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, (ValidationError, RequestValidationError)):
         return from_validation_error(exc)
+    if isinstance(exc, SessionNotFound):
+        return APIError(404, str(exc), type_="not_found_error", param="X-Session-Id", code="session_not_found")
+    if isinstance(exc, HistoryUnavailable):
+        return APIError(503, str(exc), type_="server_error", code="history_unavailable", retry_after=5)
+    if isinstance(exc, BadCursor):
+        return APIError(400, str(exc), param="cursor")
     if isinstance(exc, RequestLimitError):
         return APIError(400, str(exc), param=exc.param, code="limit_exceeded")
     if isinstance(exc, IngestQueueFullError):
@@ -119,6 +127,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, handle)
     app.add_exception_handler(ValidationError, handle)
     app.add_exception_handler(EngineError, handle)
-    for exc_type in (KnowledgeBaseError, KnowledgeUnavailableError, NameError_, RequestLimitError, IngestQueueFullError):
+    for exc_type in (KnowledgeBaseError, KnowledgeUnavailableError, NameError_, RequestLimitError, IngestQueueFullError,
+                     SessionNotFound, HistoryUnavailable, BadCursor):
         app.add_exception_handler(exc_type, handle)
     app.add_exception_handler(StarletteHTTPException, handle_http)

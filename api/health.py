@@ -16,16 +16,19 @@ router = APIRouter()
 @router.get("/health", summary="Service status (details with the token)")
 async def health(request: Request) -> dict:
     state = request.app.state
+    history = state.chat.history
+    status = "degraded" if history is not None and history.degraded else "ok"
     if not request.scope.get(AUTHENTICATED, False):
-        return {"status": "ok", "ready": True}
+        return {"status": status, "ready": True}
     return {
-        "status": "ok",
+        "status": status,
         "ready": True,
         "model_loaded": True,
         "model": state.chat.model_name,
         "engine": state.chat.engine.health(),
         "auth": bool(state.settings.token),
         "knowledge": _knowledge(state.knowledge),
+        "history": state.chat.history.health() if state.chat.history is not None else {"enabled": False},
     }
 
 

@@ -17,6 +17,7 @@ from typing import AsyncIterator, Callable, Optional
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from api.conversation import conversation_from, session_headers
 from api.disconnect import ClientGone, unless_disconnected
 from api.errors import APIError, error_response, to_api_error
 from api.openai_schemas import ChatCompletionRequest, CompletionRequest
@@ -84,7 +85,7 @@ async def _merge(streams: list[tuple[ChatEvent, AsyncIterator[ChatEvent]]]) -> A
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _streaming(body: Callable[[], AsyncIterator[bytes]]) -> StreamingResponse:
+def _streaming(body: Callable[[], AsyncIterator[bytes]], headers: Optional[dict] = None) -> StreamingResponse:
     async def guarded() -> AsyncIterator[bytes]:
         try:
             async for chunk in body():
@@ -93,7 +94,7 @@ def _streaming(body: Callable[[], AsyncIterator[bytes]]) -> StreamingResponse:
             yield sse(to_api_error(exc).body())
         yield SSE_DONE
 
-    return StreamingResponse(guarded(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(guarded(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **(headers or {})})
 
 
 def _usage(events: list[ChatEvent]) -> dict:
@@ -112,7 +113,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     defaults = chat.engine.generation_defaults
     # left out, an answer may use the rest of the context (as OpenAI and vLLM), unless the model says less
     base = body.to_chat_request(default_max_tokens=defaults.get("max_new_tokens", chat.engine.max_model_len), defaults=defaults)
-    choices = [replace(base, params=with_seed(base.params, i)) for i in range(body.n)]
+    base.conversation = conversation_from(request.headers, chat, explicit_history=body.explicit_history,
+                                          store=body.store is not False)
+    headers = session_headers(base.conversation)
+    # with n > 1, the first choice is the one kept in the conversation
+    choices = [replace(base, params=with_seed(base.params, i),
+                       conversation=base.conversation if i == 0 or base.conversation is None
+                       else replace(base.conversation, store=False)) for i in range(body.n)]
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     if not body.stream:
@@ -128,12 +135,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         }
         if finals[0].sources is not None:
             reply["sources"] = finals[0].sources
-        return JSONResponse(reply)
+        return JSONResponse(reply, headers=headers)
 
     try:
         streams = [await _primed(chat.stream(c)) for c in choices]
     except Exception as exc:
-        return error_response(exc)
+        response = error_response(exc)
+        response.headers.update(headers)
+        return response
 
     def chunk(choices_: list, usage=None, **extra) -> bytes:
         obj = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": chat.model_name,
@@ -157,7 +166,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         if body.include_usage:
             yield chunk([], usage=_usage(list(finals.values())))
 
-    return _streaming(events)
+    return _streaming(events, headers)
 
 
 # ---- completions ------------------------------------------------------------------------

@@ -128,6 +128,7 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: Optional[int] = Field(None, ge=1, le=MAX_NEW_TOKENS)
     tools: Optional[list[Any]] = None
     response_format: Optional[dict[str, Any]] = None
+    store: Optional[bool] = Field(None, description="false: do not keep this exchange in the session's history")
 
     @field_validator("messages")
     @classmethod
@@ -146,6 +147,11 @@ class ChatCompletionRequest(_Common):
         if value and value.get("type") not in (None, "text"):
             raise ValueError("only text responses are supported")
         return value
+
+    @property
+    def explicit_history(self) -> bool:
+        """Turns before the last user message: the request brings its own history."""
+        return sum(1 for m in self.messages if ROLE_ALIASES.get(m.role, m.role) != "system") > 1
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens or self.max_tokens

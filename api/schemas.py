@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from chat import ChatRequest, KnowledgeQuery
 from engine import SamplingParams
@@ -44,6 +44,7 @@ class EASChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     prompt: str = ""
+    question: Optional[str] = Field(None, description="the application-flow API's name for prompt (used when prompt is empty)")
     system_prompt: str = ""
     history: list[tuple[str, str]] = Field(default_factory=list)
     max_new_tokens: int = Field(2048, ge=1, le=MAX_NEW_TOKENS, description="capped to what the context leaves")
@@ -74,6 +75,17 @@ class EASChatRequest(BaseModel):
             if not all(isinstance(s, str) for s in pair):
                 raise ValueError(f"item {i} must hold two strings")
         return value
+
+    @model_validator(mode="after")
+    def _question_is_prompt(self):
+        if not self.prompt and self.question:
+            self.prompt = self.question
+        return self
+
+    @property
+    def explicit_history(self) -> bool:
+        """The request brought its own history (even an empty one): stored turns are not added."""
+        return "history" in self.model_fields_set
 
     def stop_strings(self) -> tuple[str, ...]:
         out: list[str] = []

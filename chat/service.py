@@ -7,8 +7,10 @@ history fitting, knowledge retrieval and sampling defaults are decided here once
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, AsyncIterator, Optional, Sequence
@@ -17,7 +19,10 @@ from chat.limits import Cancelled, ChatLimits, Preprocessor, RequestLimitError
 from engine import ChatMessage, Engine, PromptTooLongError, SamplingParams, Usage
 from engine.generation_defaults import GenerationDefaults
 
+from history.tracing import Trace
+
 if TYPE_CHECKING:
+    from history import HistoryService
     from knowledge.service import KnowledgeService
 
 # an answer needs at least this much room before old turns are dropped to make it
@@ -48,6 +53,22 @@ class KnowledgeQuery:
     top_k: int = 3
 
 
+@dataclass(frozen=True)
+class ConversationRef:
+    """Which stored conversation a request belongs to.
+
+    `named`: the client sent the session id (so it may have stored turns and an
+    owner to check); `use_stored`: the request carries no history of its own, so
+    the stored turns are its history; `store`: keep this exchange.
+    """
+
+    session_id: str
+    user_id: str = ""
+    named: bool = False
+    use_stored: bool = True
+    store: bool = True
+
+
 @dataclass
 class ChatRequest:
     """A protocol-neutral conversation: system prompt, turns ending with the user's, settings.
@@ -64,6 +85,7 @@ class ChatRequest:
     fit_history: bool = True
     exact_max_tokens: bool = False
     history_param: str = "history"  # how the request's protocol names its earlier turns, for errors
+    conversation: Optional[ConversationRef] = None
 
     @classmethod
     def from_pairs(cls, prompt: str, system_prompt: str = "", history: Sequence[Sequence[str]] = (), **kw) -> "ChatRequest":
@@ -94,6 +116,11 @@ class ChatEvent:
     finish_reason: Optional[str] = None
     usage: Usage = field(default_factory=Usage)
     sources: Optional[list[dict]] = None  # set when the answer is grounded in the knowledge base
+    trace: Optional[Trace] = None  # on the last event: what was done to answer
+
+    @property
+    def trace_id(self) -> Optional[str]:
+        return self.trace.id if self.trace is not None else None
 
     @property
     def done(self) -> bool:
@@ -102,9 +129,10 @@ class ChatEvent:
 
 class ChatService:
     def __init__(self, engine: Engine, knowledge: Optional["KnowledgeService"] = None,
-                 limits: Optional[ChatLimits] = None) -> None:
+                 limits: Optional[ChatLimits] = None, history: Optional["HistoryService"] = None) -> None:
         self.engine = engine
         self.knowledge = knowledge
+        self.history = history
         self.limits = limits or ChatLimits()
         self._preprocess = Preprocessor(self.limits.preprocess_threads)
 
@@ -121,23 +149,99 @@ class ChatService:
         return defaults
 
     async def stream(self, request: ChatRequest, request_id: Optional[str] = None) -> AsyncIterator[ChatEvent]:
-        """Yield cumulative answer events; validation errors are raised before the first one."""
+        """Yield cumulative answer events; validation errors are raised before the first one.
+
+        The last event carries the trace; with a conversation, the exchange is
+        stored before it is yielded (so the next turn, on any instance, sees it),
+        and an answer its client stopped is stored as stopped.
+        """
         request_id = request_id or uuid.uuid4().hex
+        trace = Trace()
         self.check(request)
+        request = await self._with_stored_turns(request, trace)
         user_message, sources = None, None
         if request.knowledge is not None:
-            retrieval = await self._retrieve(request)
-            sources = [h.as_source() for h in retrieval.hits]
+            with trace.span("retrieval", kb=request.knowledge.kb, top_k=request.knowledge.top_k) as span:
+                retrieval = await self._retrieve(request)
+                sources = [h.as_source() for h in retrieval.hits]
+                span.attributes["hits"] = [{k: s.get(k) for k in ("file", "page", "score", "relevant")} for s in sources]
+                span.attributes["matched"] = retrieval.prompt is not None
             if retrieval.prompt is None:
                 # nothing relevant: say so plainly instead of letting the model invent an answer
                 reply = retrieval.no_match_reply or ""
-                yield ChatEvent(text=reply, delta=reply, finish_reason="stop", sources=[])
+                final = ChatEvent(text=reply, delta=reply, finish_reason="stop", sources=[], trace=trace)
+                await self._store(request, final, time.perf_counter(), None)
+                yield final
                 return
             user_message = retrieval.prompt
-        turns = await self._preprocess.run(self._fit, request, user_message)
-        chunks = self.engine.generate(request.messages(turns, user_message), request.params, request_id)
-        async for event in self._events(chunks, sources):
+        with trace.span("prompt") as span:
+            turns, prompt_tokens = await self._preprocess.run(self._fit, request, user_message)
+            span.attributes.update(prompt_tokens=prompt_tokens, turns_given=len(request.turns), turns_kept=len(turns))
+        params = request.params
+        started, first_token_at, event = time.perf_counter(), None, None
+        chunks = self.engine.generate(request.messages(turns, user_message), params, request_id)
+        try:
+            with trace.span("generation", model=self.model_name, temperature=params.temperature, top_p=params.top_p,
+                            top_k=params.top_k, max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
+                            repetition_penalty=params.repetition_penalty, seed=params.seed) as span:
+                async with contextlib.aclosing(self._events(chunks, sources)) as events:
+                    async for event in events:
+                        if first_token_at is None and event.delta:
+                            first_token_at = time.perf_counter()
+                            span.attributes["ttft_ms"] = round((first_token_at - started) * 1000, 2)
+                        if not event.done:
+                            yield event
+                span.attributes.update(prompt_tokens=event.usage.prompt_tokens,
+                                       completion_tokens=event.usage.completion_tokens, finish_reason=event.finish_reason)
+            event.trace = trace
+            await self._store(request, event, started, first_token_at)
             yield event
+        except (GeneratorExit, asyncio.CancelledError):
+            if event is not None and not event.done and event.text:
+                stopped = replace(event, finish_reason="stopped", trace=trace)
+                self._store_later(request, stopped, started, first_token_at)
+            raise
+
+    async def _with_stored_turns(self, request: ChatRequest, trace: Trace) -> ChatRequest:
+        """The session's stored turns become the history of a request that brings none; the owner is checked."""
+        ref = request.conversation
+        if ref is None or not ref.named or self.history is None:
+            return request
+        with trace.span("history.load", session_id=ref.session_id) as span:
+            stored = await self.history.turns_for(ref.session_id, ref.user_id, self.limits.max_history_turns)
+            span.attributes["available"] = stored is not None
+            span.attributes["turns"] = len(stored or ()) if ref.use_stored else 0
+        if not ref.use_stored or not stored:
+            return request
+        earlier: list[ChatMessage] = []
+        for question, answer in stored:
+            earlier += [ChatMessage("user", question), ChatMessage("assistant", answer)]
+        return replace(request, turns=earlier + list(request.turns))
+
+    def _exchange(self, request: ChatRequest, event: ChatEvent, started: float, first_token_at: Optional[float]):
+        from history import Exchange
+
+        ref = request.conversation
+        timings = {"total_ms": round((time.perf_counter() - started) * 1000, 2)}
+        if first_token_at is not None:
+            timings["ttft_ms"] = round((first_token_at - started) * 1000, 2)
+        details = {"status": "stopped" if event.finish_reason == "stopped" else "complete",
+                   "usage": event.usage.as_dict(), "timings": timings}
+        if event.sources is not None:
+            details["sources"] = event.sources
+        return Exchange(session_id=ref.session_id, user_id=ref.user_id, question=request.prompt, answer=event.text,
+                        finish_reason=event.finish_reason or "stop", trace_id=event.trace_id, details=details)
+
+    def _storing(self, request: ChatRequest) -> bool:
+        return self.history is not None and request.conversation is not None and request.conversation.store
+
+    async def _store(self, request: ChatRequest, event: ChatEvent, started: float, first_token_at: Optional[float]) -> None:
+        if self._storing(request):
+            await self.history.record(self._exchange(request, event, started, first_token_at), event.trace)
+
+    def _store_later(self, request: ChatRequest, event: ChatEvent, started: float, first_token_at: Optional[float]) -> None:
+        if self._storing(request):
+            self.history.record_later(self._exchange(request, event, started, first_token_at), event.trace)
 
     async def stream_completion(self, prompt: str, params: SamplingParams, request_id: Optional[str] = None) -> AsyncIterator[ChatEvent]:
         """A raw text completion (no chat template), for /v1/completions."""
@@ -182,8 +286,9 @@ class ChatService:
             raise RequestLimitError("stop", f"a stop string of {longest} characters; at most "
                                     f"{self.limits.max_stop_chars} are accepted (--max-stop-chars)")
 
-    def _fit(self, cancelled: threading.Event, request: ChatRequest, user_message: Optional[str]) -> Sequence[ChatMessage]:
-        """The turns that fit the context with room for the answer.
+    def _fit(self, cancelled: threading.Event, request: ChatRequest,
+             user_message: Optional[str]) -> tuple[Sequence[ChatMessage], int]:
+        """The turns that fit the context with room for the answer, and the prompt's tokens.
 
         Dropping the oldest exchanges one at a time and re-counting would
         tokenize the conversation once per dropped turn; the shortest-suffix
@@ -216,7 +321,7 @@ class ChatService:
             raise PromptTooLongError(tokens, limit)
         if request.exact_max_tokens and tokens + request.params.max_new_tokens > limit:
             raise ContextOverflowError(tokens, request.params.max_new_tokens, limit)
-        return turns[starts[keep]:]
+        return turns[starts[keep]:], tokens
 
     def shutdown(self) -> None:
         self._preprocess.shutdown()

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Optional
 
 from knowledge.loaders import ParseLimits
 from knowledge.splitting import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE
 
+#: where versions before --data-dir kept the knowledge bases; still used when it holds them
+LEGACY_KNOWLEDGE_DIR = "knowledge_data"
+
 
 @dataclass
 class KnowledgeConfig:
-    knowledge_dir: str = field(
-        default="knowledge_data",
-        metadata={"help": "folder holding the knowledge bases (one sub-folder each)"},
+    knowledge_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "folder holding the knowledge bases (one sub-folder each); default: knowledge/ in --data-dir "
+                          "(or ./knowledge_data where an earlier version left its bases)"},
     )
     embedding_model: Optional[str] = field(
         default=None,
@@ -68,3 +73,12 @@ class KnowledgeConfig:
             max_uncompressed_bytes=int(self.max_uncompressed_mb * 2**20),
             max_compression_ratio=self.max_compression_ratio,
         )
+
+    def with_data_dir(self, data_dir: str) -> "KnowledgeConfig":
+        """The knowledge folder made explicit: the flag, else an existing ./knowledge_data, else <data_dir>/knowledge."""
+        if self.knowledge_dir is not None:
+            return self
+        legacy, fresh = Path(LEGACY_KNOWLEDGE_DIR), Path(data_dir) / "knowledge"
+        if legacy.is_dir() and any(legacy.iterdir()) and not fresh.exists():
+            return replace(self, knowledge_dir=str(legacy))
+        return replace(self, knowledge_dir=str(fresh))

@@ -69,7 +69,7 @@ class KnowledgeService:
         self.embedder = embedder
         self.settings = SplitterSettings(config.chunk_size, config.chunk_overlap)
         self.rag_prompt = RagPrompt(config.rag_prompt_file)
-        self.root = Path(config.knowledge_dir).expanduser().resolve()
+        self.root = Path(config.knowledge_dir or "data/knowledge").expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.jobs = JobRegistry()
         self._futures: dict[str, concurrent.futures.Future] = {}

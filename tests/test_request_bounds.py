@@ -50,7 +50,7 @@ def test_history_fitting_is_not_quadratic(chat_service):
     re-tokenizing took 13 s of CPU here; the suffix search takes a fraction of a second."""
     request = ChatRequest.from_pairs("Hi", "", _long_history(200), params=SamplingParams(max_new_tokens=2))
     started = time.monotonic()
-    kept = chat_service._fit(threading.Event(), request, None)
+    kept, _ = chat_service._fit(threading.Event(), request, None)
     elapsed = time.monotonic() - started
     assert 10 < len(kept) < 100 and kept[-1].content == "Hi" and kept[0].role == "user"
     tokens = chat_service.engine.count_prompt_tokens(request.messages(kept))

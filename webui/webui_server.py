@@ -20,13 +20,15 @@ if str(ROOT) not in sys.path:
 from api.config import TOKEN_ENV, ServerConfig  # noqa: E402
 from chat.limits import ChatLimits  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
+from history.config import HistoryConfig  # noqa: E402
 from knowledge.config import KnowledgeConfig  # noqa: E402
 from webui.cli import add_flags, from_args, non_defaults  # noqa: E402
 
 log = logging.getLogger("chatllm")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[ServerConfig, ChatLimits, EngineConfig, KnowledgeConfig]:
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[ServerConfig, ChatLimits, EngineConfig, KnowledgeConfig,
+                                                              HistoryConfig]:
     parser = argparse.ArgumentParser(
         prog="webui_server.py",
         description="ChatLLM-WebUI: a Gradio WebUI, the EAS ChatLLM HTTP/WebSocket API and an "
@@ -37,19 +39,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[ServerConfig, Chat
     add_flags(parser, ChatLimits, "requests")
     add_flags(parser, EngineConfig, "model")
     add_flags(parser, KnowledgeConfig, "knowledge base")
+    add_flags(parser, HistoryConfig, "conversations and traces")
     args = parser.parse_args(argv)
+    try:
+        history_config = from_args(HistoryConfig, args)
+    except ValueError as exc:
+        parser.error(str(exc))
     return (from_args(ServerConfig, args), from_args(ChatLimits, args), from_args(EngineConfig, args),
-            from_args(KnowledgeConfig, args))
+            from_args(KnowledgeConfig, args), history_config)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    server_config, chat_limits, engine_config, knowledge_config = parse_args(argv)
+    server_config, chat_limits, engine_config, knowledge_config, history_config = parse_args(argv)
+    knowledge_config = knowledge_config.with_data_dir(server_config.data_dir)
     logging.basicConfig(
         level=server_config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     changed = {**non_defaults(server_config), **non_defaults(chat_limits), **non_defaults(engine_config),
-               **non_defaults(knowledge_config)}
+               **non_defaults(knowledge_config), **non_defaults(history_config, ("token", "history_db"))}
     log.info("settings: %s", changed or "all defaults")
 
     from chat import ChatService
@@ -71,7 +79,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from api.app import build_app
     from api.serving import uvicorn_config
 
-    chat = ChatService(engine, knowledge, chat_limits)
+    history = None
+    if history_config.history:
+        from history import HistoryService
+
+        history = HistoryService(history_config, history_config.database_url(server_config.data_dir), engine.model_name)
+        try:
+            history.start()  # schema upgrades before the first request
+        except Exception as exc:
+            print(f"error: the conversation database {history.health()['database']} could not be opened or upgraded: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
+        log.info("conversations stored in %s", history.health()["database"])
+    chat = ChatService(engine, knowledge, chat_limits, history)
     ui = None
     if not server_config.api_only:
         from webui.ui import mount_ui
@@ -83,6 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"ChatLLM-WebUI serving {engine.model_name} at http://{server_config.host}:{server_config.port}", flush=True)
     uvicorn.Server(uvicorn_config(app, server_config)).run()
     chat.shutdown()
+    if history is not None:
+        history.shutdown()  # the writes in flight land first
     engine.shutdown()
     knowledge.shutdown()
     return 0

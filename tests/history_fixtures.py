@@ -1,0 +1,54 @@
+"""A server that keeps conversations, on a database URL of the test's choosing."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from chat import ChatService
+from history import HistoryConfig, HistoryService
+from tests.conftest import LiveServer, serve
+from tests.db_servers import mariadb_available, mariadb_server, postgres_available, postgres_server
+
+
+def history_service(url: str, **settings) -> HistoryService:
+    service = HistoryService(HistoryConfig(**settings), url, "test-model")
+    service.start()
+    return service
+
+
+def serve_with_history(engine, knowledge, url: str, token=None, **settings) -> Iterator[tuple[LiveServer, HistoryService]]:
+    history = history_service(url, **settings)
+    chat = ChatService(engine, knowledge, history=history)
+    try:
+        for live in serve(chat, token, knowledge=knowledge):
+            yield live, history
+    finally:
+        chat.shutdown()
+        history.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    if not postgres_available():
+        pytest.fail("PostgreSQL 15 is not installed (make test installs it)")
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mariadb_url():
+    if not mariadb_available():
+        pytest.fail("MariaDB is not installed (make test installs it)")
+    with mariadb_server() as url:
+        yield url
+
+
+def database_url(request, kind: str, tmp_path_factory) -> str:
+    """A fresh conversation database of the given kind (sqlite, postgresql, mysql)."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('history') / 'chat_history.db'}"
+    if kind == "postgresql":
+        return request.getfixturevalue("postgres").url
+    return request.getfixturevalue("mariadb_url")
