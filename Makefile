@@ -9,8 +9,10 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 CHROMIUM := /usr/bin/chromium
+MARIADB := /usr/sbin/mariadbd
+POSTGRES := /usr/lib/postgresql/15/bin/initdb
 
-.PHONY: install browser run test clean
+.PHONY: install browser databases run test clean
 
 install: $(STAMP)
 
@@ -28,10 +30,21 @@ $(CHROMIUM):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
 
+# the history tests start throwaway PostgreSQL and MariaDB servers of their own
+databases: $(MARIADB) $(POSTGRES)
+
+$(MARIADB):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server
+
+$(POSTGRES):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15
+
 run: install
 	$(PY) webui/webui_server.py $(ARGS)
 
-test: install browser
+test: install browser databases
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -23,9 +23,24 @@ def _config(connection: sa.Connection, suffix: str) -> Config:
 
 
 def upgrade(engine: sa.Engine, suffix: str, revision: str = "head") -> None:
-    """Bring this service's tables to `revision` (the newest by default); data is kept."""
-    with engine.begin() as connection:
-        command.upgrade(_config(connection, suffix), revision)
+    """Bring this service's tables to `revision` (the newest by default); data is kept.
+
+    On SQLite foreign keys are off while migrating: a revision that has to rebuild
+    a table drops the old copy, and with them on that drop would delete every
+    row that refers to it (the pragma only takes effect outside a transaction).
+    """
+    with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
+        try:
+            with connection.begin():
+                command.upgrade(_config(connection, suffix), revision)
+        finally:
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
 
 
 def current_revision(engine: sa.Engine, suffix: str) -> Optional[str]:

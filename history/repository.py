@@ -239,8 +239,10 @@ class HistoryRepository:
             if max_sessions_per_user > 0:
                 over = sa.select(s.c.user_id).group_by(s.c.user_id).having(sa.func.count() > max_sessions_per_user)
                 for user_id in list(c.execute(over).scalars()):
+                    pinned = c.execute(sa.select(sa.func.count()).where(s.c.user_id == user_id, s.c.pinned.is_(True))).scalar()
+                    keep = max(0, max_sessions_per_user - pinned)  # pinned sessions count, and are never removed
                     ids = list(c.execute(sa.select(s.c.id).where(s.c.user_id == user_id, s.c.pinned.is_(False))
-                                         .order_by(s.c.updated_at.desc()).offset(max_sessions_per_user)).scalars())
+                                         .order_by(s.c.updated_at.desc()).offset(keep)).scalars())
                     removed += self._delete(c, ids, user_id)
         return removed
 

@@ -16,8 +16,9 @@ depends_on = None
 
 def upgrade(suffix: str) -> None:
     names = TableNames.for_service(suffix)
-    with op.batch_alter_table(names.sessions) as batch:
-        batch.add_column(sa.Column("pinned", sa.Boolean(), nullable=False, server_default=sa.false()))
+    # a plain ADD COLUMN on every database: SQLite's batch mode would copy the table, and dropping
+    # the old copy would cascade to the messages
+    op.add_column(names.sessions, sa.Column("pinned", sa.Boolean(), nullable=False, server_default=sa.false()))
     op.create_table(
         names.traces,
         sa.Column("id", sa.String(64), primary_key=True),
