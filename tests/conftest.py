@@ -26,6 +26,7 @@ from engine.factory import build_engine  # noqa: E402
 from knowledge.config import KnowledgeConfig  # noqa: E402
 from knowledge.embeddings import Embedder, build_embedder  # noqa: E402
 from knowledge.service import KnowledgeService  # noqa: E402
+from tests import db_servers  # noqa: E402
 
 TOKEN = "test-token-7f3a"
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -135,3 +136,21 @@ def client(server) -> Iterator[httpx.Client]:
 def artifacts() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
+
+
+# throwaway database servers, started the first time a test asks for one
+
+@pytest.fixture(scope="session")
+def postgres():
+    if not db_servers.postgres_available():
+        pytest.fail("PostgreSQL 15 is not installed (make test installs it)")
+    with db_servers.postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mariadb_url():
+    if not db_servers.mariadb_available():
+        pytest.fail("MariaDB is not installed (make test installs it)")
+    with db_servers.mariadb_server() as url:
+        yield url

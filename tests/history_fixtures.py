@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import pytest
-
 from chat import ChatService
 from history import HistoryConfig, HistoryService
 from tests.conftest import LiveServer, serve
-from tests.db_servers import mariadb_available, mariadb_server, postgres_available, postgres_server
 
 
 def history_service(url: str, **settings) -> HistoryService:
@@ -27,22 +24,6 @@ def serve_with_history(engine, knowledge, url: str, token=None, **settings) -> I
     finally:
         chat.shutdown()
         history.shutdown()
-
-
-@pytest.fixture(scope="session")
-def postgres():
-    if not postgres_available():
-        pytest.fail("PostgreSQL 15 is not installed (make test installs it)")
-    with postgres_server() as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def mariadb_url():
-    if not mariadb_available():
-        pytest.fail("MariaDB is not installed (make test installs it)")
-    with mariadb_server() as url:
-        yield url
 
 
 def database_url(request, kind: str, tmp_path_factory) -> str:

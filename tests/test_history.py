@@ -13,7 +13,7 @@ import requests
 import websockets.sync.client
 from openai import OpenAI
 
-from tests.history_fixtures import database_url, mariadb_url, postgres, serve_with_history  # noqa: F401
+from tests.history_fixtures import database_url, serve_with_history
 
 # the same suite on every supported database, each a real server started here
 DATABASES = ["sqlite", "postgresql", "mysql"]

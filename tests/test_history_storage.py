@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import http.server
-import json
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from history import Exchange, HistoryConfig, HistoryService, migrate
 from history.repository import HistoryRepository
 from tests.conftest import ROOT, free_port
 from tests.db_servers import postgres_server
-from tests.history_fixtures import postgres, serve_with_history  # noqa: F401
+from tests.history_fixtures import serve_with_history
 
 
 def exchange(session: str, user: str = "u", question: str = "Q?", answer: str = "A.") -> Exchange:
