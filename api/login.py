@@ -74,7 +74,8 @@ async def login(request: Request) -> Response:
         return _page("Incorrect user name or password.", 401)
     response = RedirectResponse("/", status_code=303)
     signer = state.sessions
-    response.set_cookie(COOKIE, signer.issue(), max_age=int(signer.ttl_seconds), httponly=True, samesite="lax",
+    user = (fields.get("username") or [""])[0].strip()
+    response.set_cookie(COOKIE, signer.issue(user=user), max_age=int(signer.ttl_seconds), httponly=True, samesite="lax",
                         secure=request.url.scheme == "https", path="/")
     return response
 

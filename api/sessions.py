@@ -1,6 +1,7 @@
 """WebUI login sessions and the brake on guessing the token.
 
-A session is a signed cookie carrying its expiry: `<expiry>.<nonce>.<mac>`.
+A session is a signed cookie carrying its expiry and the login name:
+`<expiry>.<nonce>.<user, base64url>.<mac>`; the login name is the WebUI's user id.
 The signing key is derived from the service token, so every instance behind a
 load balancer accepts the sessions of the others, and changing the token ends
 them all. Nothing is kept in memory per session.
@@ -11,12 +12,15 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
+import base64
+import binascii
 import secrets
 import time
 from typing import Optional
 
 COOKIE = "chatllm_session"
-_MAX_COOKIE = 200
+_MAX_COOKIE = 400
+MAX_LOGIN_NAME = 64
 
 
 class SessionSigner:
@@ -27,10 +31,21 @@ class SessionSigner:
     def _mac(self, payload: str) -> str:
         return hmac.new(self._key, payload.encode("ascii"), hashlib.sha256).hexdigest()
 
-    def issue(self, now: Optional[float] = None) -> str:
+    def issue(self, now: Optional[float] = None, user: str = "") -> str:
         expiry = int((now or time.time()) + self.ttl_seconds)
-        payload = f"{expiry}.{secrets.token_hex(8)}"
+        name = base64.urlsafe_b64encode(user[:MAX_LOGIN_NAME].encode("utf-8")).decode("ascii").rstrip("=")
+        payload = f"{expiry}.{secrets.token_hex(8)}.{name}"
         return f"{payload}.{self._mac(payload)}"
+
+    def user(self, value: Optional[str], now: Optional[float] = None) -> Optional[str]:
+        """The login name a valid session carries ("" when none was given); None when the session is not valid."""
+        if not self.valid(value, now):
+            return None
+        name = value.rpartition(".")[0].split(".")[2] if value.count(".") >= 3 else ""
+        try:
+            return base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return ""
 
     def valid(self, value: Optional[str], now: Optional[float] = None) -> bool:
         if not value or len(value) > _MAX_COOKIE or not value.isascii():

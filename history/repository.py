@@ -123,6 +123,19 @@ class HistoryRepository:
                      details={**exchange.details, **({"truncated": True} if a_cut else {})}),
             ])
 
+    def drop_last_exchange(self, session_id: str, user_id: str) -> bool:
+        """Remove the newest question and answer (the WebUI's Regenerate replaces them)."""
+        if not self.owner_check(session_id, user_id):
+            return False
+        m = self.t.messages
+        with self.engine.begin() as c:
+            rows = list(c.execute(sa.select(m.c.id, m.c.role).where(m.c.session_id == session_id)
+                                  .order_by(m.c.id.desc()).limit(2)))
+            if [r.role for r in rows] != ["assistant", "user"]:
+                return False
+            c.execute(m.delete().where(m.c.id.in_([r.id for r in rows])))
+        return True
+
     def add_trace(self, trace: dict, session_id: Optional[str], user_id: str) -> None:
         with self.engine.begin() as c:
             c.execute(self.t.traces.insert().values(id=trace["id"], session_id=session_id, user_id=user_id,

@@ -101,11 +101,12 @@ def chat_service(engine, knowledge) -> Iterator[ChatService]:
     service.shutdown()
 
 
-def serve(chat_service, token: Optional[str], knowledge=None, extra_routers=(), **settings) -> Iterator[LiveServer]:
-    """Serve the given services on a fresh port until the generator is closed."""
+def serve(chat_service, token: Optional[str], knowledge=None, extra_routers=(), port: Optional[int] = None,
+          **settings) -> Iterator[LiveServer]:
+    """Serve the given services (on a fresh port unless given) until the generator is closed."""
     from webui.ui import mount_ui
 
-    port = free_port()
+    port = port or free_port()
     config = ServerConfig(token=token, port=port, **settings)
     knowledge = knowledge if knowledge is not None else chat_service.knowledge
     ui = mount_ui(chat_service, knowledge, config.ui_concurrency, knowledge.config.max_upload_mb)

@@ -15,11 +15,12 @@ def history_service(url: str, **settings) -> HistoryService:
     return service
 
 
-def serve_with_history(engine, knowledge, url: str, token=None, **settings) -> Iterator[tuple[LiveServer, HistoryService]]:
+def serve_with_history(engine, knowledge, url: str, token=None, port=None,
+                       **settings) -> Iterator[tuple[LiveServer, HistoryService]]:
     history = history_service(url, **settings)
     chat = ChatService(engine, knowledge, history=history)
     try:
-        for live in serve(chat, token, knowledge=knowledge):
+        for live in serve(chat, token, knowledge=knowledge, port=port):
             yield live, history
     finally:
         chat.shutdown()

@@ -307,3 +307,24 @@ def test_every_history_route_is_in_openapi(api):
 def test_health_reports_the_store(api):
     health = api.get("/health").json()
     assert health["status"] == "ok"
+
+
+def test_webui_user_is_the_login_name_or_one_id_per_browser():
+    from types import SimpleNamespace
+
+    from api.sessions import COOKIE, SessionSigner
+    from webui.ui.conversations import WebUsers, login_user_id
+
+    signer = SessionSigner("tok", 3600)
+    users = WebUsers(signer)
+    logged_in = SimpleNamespace(cookies={COOKIE: signer.issue(user="dana")})
+    assert users.identify(logged_in, {})[0] == "dana"
+    assert users.identify(SimpleNamespace(cookies={COOKIE: signer.issue(user="Zoë K")}), {})[0] == login_user_id("Zoë K")
+    assert login_user_id("Zoë K").startswith("login-") and login_user_id("Zoë K") != login_user_id("Zoe K")
+    # a forged or expired cookie is no login
+    forged = SimpleNamespace(cookies={COOKIE: SessionSigner("other", 3600).issue(user="dana")})
+    user, browser = users.identify(forged, {})
+    assert user.startswith("browser-") and browser["user"] == user
+    # the browser keeps its id across calls (it lives in its localStorage)
+    assert users.identify(None, browser)[0] == user
+    assert users.identify(None, {})[0] != user

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import gradio as gr
 
@@ -18,6 +18,7 @@ from knowledge.store import UnknownKnowledgeBaseError
 from webui.ui.answering import stream_answer
 from webui.ui.chat_tab import render_sampling_controls
 from webui.ui.common import slider_defaults
+from webui.ui.conversations import ConversationSidebar
 
 DEFAULT_KB = "default"
 
@@ -34,8 +35,11 @@ def job_report(job: Job) -> str:
 
 
 class LangChainTab:
-    def __init__(self, chat: ChatService, knowledge: KnowledgeService, refresh_status: Callable[[], str]) -> None:
+    def __init__(self, chat: ChatService, knowledge: KnowledgeService, refresh_status: Callable[[], str],
+                 sidebar: Optional[ConversationSidebar], browser: gr.components.Component) -> None:
         self.chat = chat
+        self.sidebar = sidebar
+        self.browser = browser
         self.knowledge = knowledge
         self.refresh_status = refresh_status
         self.max_bytes = int(knowledge.config.max_upload_mb * 1024 * 1024)
@@ -44,6 +48,8 @@ class LangChainTab:
         self.status = status
         with gr.Tab("LangChain", id="langchain"):
             with gr.Row():
+                if self.sidebar is not None:
+                    self.sidebar.render()
                 with gr.Column(scale=2, min_width=280):
                     self._render_knowledge_panel()
                 with gr.Column(scale=3, min_width=300):
@@ -87,11 +93,19 @@ class LangChainTab:
                              concurrency_id="ingest", concurrency_limit=1, show_progress_on=[self.result])
         self.kb.change(self.listing, [self.kb], listing, queue=False)
         self.delete.click(self._delete, [self.kb, self.delete_choice], [self.result, self.status, *listing])
-        inputs = [self.textbox, self.chatbot, self.kb, self.top_k, *self.params]
-        send = self.send.click(self._respond, inputs, [self.textbox, self.chatbot], concurrency_id="chat")
-        submit = self.textbox.submit(self._respond, inputs, [self.textbox, self.chatbot], concurrency_id="chat")
+        inputs = [self.textbox, self.chatbot, self.kb, self.top_k, self.browser, *self.params]
+        outputs = [self.textbox, self.chatbot, self.browser]
+        send = self.send.click(self._respond, inputs, outputs, concurrency_id="chat")
+        submit = self.textbox.submit(self._respond, inputs, outputs, concurrency_id="chat")
         self.stop.click(None, None, None, cancels=[send, submit])
-        self.clear.click(lambda: ([], ""), None, [self.chatbot, self.textbox], queue=False)
+        if self.sidebar is None:
+            self.clear.click(lambda: ([], ""), None, [self.chatbot, self.textbox], queue=False)
+            return
+        self.sidebar.wire(self.chatbot, self.browser)
+        for event in (send, submit):
+            event.then(self.sidebar.refresh, [self.sidebar.search, self.browser], [self.sidebar.sessions], queue=False)
+        self.clear.click(self.sidebar.new_chat, [self.browser], [self.chatbot, self.browser, self.sidebar.sessions,
+                                                                 self.sidebar.title], queue=False)
 
     def listing(self, kb: str):
         """Rows of the file table and the delete choices for base `kb`."""
@@ -142,10 +156,16 @@ class LangChainTab:
         rows, choices = self.listing(kb)
         return f"Deleted **{name}** ({removed} chunks) from `{kb}`.", self.refresh_status(), rows, choices
 
-    async def _respond(self, prompt, history, kb, top_k, *params):
+    async def _respond(self, prompt, history, kb, top_k, browser, max_new_tokens, temperature, top_p, top_k_tokens,
+                       do_sample, request: gr.Request = None):
+        params = (max_new_tokens, temperature, top_p, top_k_tokens, do_sample)
         if not (prompt or "").strip():
-            yield gr.update(), history
+            yield gr.update(), history, browser
             return
+        conversation = None
+        if self.sidebar is not None:
+            conversation, browser = self.sidebar.conversation(request, browser)
         query = KnowledgeQuery(kb=(kb or DEFAULT_KB).strip(), top_k=int(top_k))
-        async for messages in stream_answer(self.chat, history or [], prompt, "", params, knowledge=query):
-            yield "", messages
+        async for messages in stream_answer(self.chat, history or [], prompt, "", params, knowledge=query,
+                                            conversation=conversation):
+            yield "", messages, browser

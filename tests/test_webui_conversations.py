@@ -1,0 +1,117 @@
+"""The conversation sidebar in headless Chromium: a conversation survives a reload and a server
+restart, and can be found, renamed, exported and deleted; each answer has its details (trace).
+Screenshots go to tests/artifacts/."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.conftest import free_port
+from tests.history_fixtures import serve_with_history
+from tests.test_webui_browser import CHROMIUM, CHROMIUM_ARGS, _set_max_tokens, _settled
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed (make test installs it)")
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield instance
+        instance.close()
+
+
+def _open(page: Page, url: str) -> None:
+    page.goto(url + "/")
+    page.wait_for_selector("#chat-input textarea", timeout=60_000)
+
+
+def _ask(page: Page, question: str) -> list[str]:
+    page.locator("#chat-input textarea").fill(question)
+    page.locator("#chat-send").click()
+    expect(page.locator("#chat-window").get_by_text("Details:")).to_have_count(
+        page.locator("#chat-window").get_by_text("Details:").count() + 1, timeout=60_000)
+    return _settled(page)
+
+
+def _session_labels(page: Page) -> list[str]:
+    return [t.strip() for t in page.locator("#chat-sessions label").all_inner_texts()]
+
+
+def test_conversations_survive_reload_and_restart_and_can_be_managed(chromium, engine, knowledge, tmp_path, artifacts):
+    url_db, port = f"sqlite:///{tmp_path / 'chat_history.db'}", free_port()
+    context = chromium.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    server = serve_with_history(engine, knowledge, url_db, port=port)
+    live, _ = next(server)
+    _open(page, live.url)
+    _set_max_tokens(page, 24)
+    first = _ask(page, "What is the capital of France?")
+    assert "Paris" in first[0]
+    second = _ask(page, "And of Germany?")
+    expect(page.locator("#chat-sessions")).to_contain_text("What is the capital of France?")
+    page.screenshot(path=str(artifacts / "conversations-1-answered.png"))
+
+    # the details view of an answer shows its trace: token counts and timings
+    page.locator("#chat-window").get_by_text("Details:").first.click()
+    expect(page.locator("#chat-window").get_by_text("first token after").first).to_be_visible(timeout=10_000)
+    expect(page.locator("#chat-window").get_by_text("tokens, 1 of 1 messages kept").first).to_be_visible()
+    page.screenshot(path=str(artifacts / "conversations-2-details.png"))
+
+    # a reload brings the conversation back
+    page.reload()
+    page.wait_for_selector("#chat-input textarea", timeout=60_000)
+    expect(page.locator("#chat-window").get_by_text("Details:")).to_have_count(2, timeout=30_000)
+    restored = _settled(page)
+    assert [t for t in restored if not t.startswith("Details")] == [t for t in second if not t.startswith("Details")]
+
+    # so does a server restart (same port, same database, a fresh process state)
+    server.close()
+    server = serve_with_history(engine, knowledge, url_db, port=port)
+    live, _ = next(server)
+    _open(page, live.url)
+    expect(page.locator("#chat-window").get_by_text("Details:")).to_have_count(2, timeout=30_000)
+    assert "Paris" in " ".join(_settled(page))
+    page.screenshot(path=str(artifacts / "conversations-3-after-restart.png"))
+
+    # a new chat, then search, reopen, rename, export, delete
+    page.locator("#chat-new-chat").click()
+    expect(page.locator('#chat-window [data-testid="bot"]')).to_have_count(0, timeout=10_000)
+    _ask(page, "Name a colour.")
+    expect(page.locator("#chat-sessions label")).to_have_count(2, timeout=10_000)
+    assert _session_labels(page)[0] == "Name a colour."  # newest first
+    page.locator("#chat-search input, #chat-search textarea").first.fill("germany")
+    expect(page.locator("#chat-sessions label")).to_have_count(1, timeout=10_000)
+    page.locator("#chat-sessions label").first.click()
+    expect(page.locator("#chat-window")).to_contain_text("Paris", timeout=10_000)
+    page.locator("#chat-manage").get_by_text("Rename").first.click()
+    title = page.locator("#chat-title input, #chat-title textarea").first
+    expect(title).to_have_value("What is the capital of France?", timeout=10_000)  # the opened session's, filled in
+    title.fill("European capitals")
+    page.locator("#chat-rename").click()
+    expect(page.locator("#chat-sessions")).to_contain_text("European capitals", timeout=10_000)
+    page.locator("#chat-export-md").click()
+    download = page.locator("#chat-download a").first
+    expect(download).to_be_attached(timeout=10_000)
+    exported = httpx.get(live.url + download.get_attribute("href")).text if download.get_attribute("href").startswith("/") \
+        else httpx.get(download.get_attribute("href")).text
+    assert exported.startswith("# European capitals") and "What is the capital of France?" in exported
+    page.screenshot(path=str(artifacts / "conversations-4-renamed.png"))
+    page.locator("#chat-delete").click()
+    expect(page.locator('#chat-window [data-testid="bot"]')).to_have_count(0, timeout=10_000)
+    page.locator("#chat-search input, #chat-search textarea").first.fill("")
+    expect(page.locator("#chat-sessions label")).to_have_count(1, timeout=10_000)
+    assert _session_labels(page) == ["Name a colour."]
+
+    # the API sees the same sessions under this browser's user id
+    browser_user = page.evaluate("Object.keys(localStorage)")
+    assert any("chatllm-webui-conversations" in k for k in browser_user)
+    context.close()
+    server.close()
+    time.sleep(0.1)
