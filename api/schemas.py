@@ -9,6 +9,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from chat import ChatRequest, KnowledgeQuery
 from engine import SamplingParams
 from engine.generation_defaults import GenerationDefaults
+from engine.text import utf8_safe
 
 
 def _lenient_bool(value):
@@ -78,8 +79,13 @@ class EASChatRequest(BaseModel):
 
     @model_validator(mode="after")
     def _question_is_prompt(self):
+        # written through __dict__: assignment would count these as fields the client sent
+        values = self.__dict__
         if not self.prompt and self.question:
-            self.prompt = self.question
+            values["prompt"] = self.question
+        # JSON escapes can carry lone surrogates, which no reply (it echoes the prompt) could encode
+        values["prompt"], values["system_prompt"] = utf8_safe(self.prompt), utf8_safe(self.system_prompt)
+        values["history"] = [(utf8_safe(u), utf8_safe(a)) for u, a in self.history]
         return self
 
     @property

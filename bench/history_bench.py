@@ -10,8 +10,10 @@ session and sends only the new question (the server reads the stored turns
 and writes the new exchange); with history off (`--no-history`) each user
 sends its whole history itself, so both runs give the model the same prompts.
 Listing: `--messages` messages stored straight through the repository
-(`--users` users, 20 sessions each), then `GET /api/sessions` and
-`GET /api/sessions?q=` for random users, p50/p99 over 200 requests each.
+(10 per session; one heavy user holds a tenth of them, `--list-users` users
+share the rest), then `GET /api/sessions` and
+`GET /api/sessions?q=` for random users and for the heavy user, p50/p99
+over 200 requests each.
 PostgreSQL is a throwaway server started here (initdb/pg_ctl). Report:
 bench/results/history_bench.json.
 """
@@ -74,7 +76,9 @@ def fill(url_db: str, messages: int, users: int) -> None:
     per_session = 10
     count = messages // per_session
     for i in range(count):
-        user, sid = f"user{i % users}", f"s{i:08d}" + "x" * 24
+        # one heavy user holds a tenth of everything; the rest is spread evenly
+        user = "heavy" if i % 10 == 0 else f"user{i % users}"
+        sid = f"s{i:08d}" + "x" * 24
         sessions.append(dict(id=sid, user_id=user, title=f"question about topic {i}", created_at=now, updated_at=now,
                              pinned=False))
         for j in range(per_session):
@@ -89,11 +93,11 @@ def fill(url_db: str, messages: int, users: int) -> None:
     service.shutdown()
 
 
-def latency(url: str, users: int, search: bool, n: int = 200) -> dict:
+def latency(url: str, users: int, search: bool, n: int = 200, heavy: bool = False) -> dict:
     times = []
     with httpx.Client(base_url=url, timeout=60) as client:
         for _ in range(n):
-            user = f"user{random.randrange(users)}"
+            user = "heavy" if heavy else f"user{random.randrange(users)}"
             params = {"limit": 20, **({"q": f"topic {random.randrange(997)}"} if search else {})}
             started = time.perf_counter()
             r = client.get("/api/sessions", params=params, headers={"X-User-Id": user})
@@ -140,6 +144,8 @@ def main() -> None:
             with running_server(["--api-only", "--history-db", url_db, "--data-dir", str(folder)]) as url:
                 row["list"] = latency(url, args.list_users, search=False)
                 row["search"] = latency(url, args.list_users, search=True)
+                row["heavy_user_list"] = latency(url, args.list_users, search=False, heavy=True)
+                row["heavy_user_search"] = latency(url, args.list_users, search=True, heavy=True)
             print(kind, json.dumps(row), flush=True)
             report[kind] = row
     (folder / "history_bench.json").write_text(json.dumps(report, indent=1) + "\n")

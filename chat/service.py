@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Optional, Sequence
 from chat.limits import Cancelled, ChatLimits, Preprocessor, RequestLimitError
 from engine import ChatMessage, Engine, PromptTooLongError, SamplingParams, Usage
 from engine.generation_defaults import GenerationDefaults
+from engine.text import utf8_safe
 
 from history.tracing import Trace
 
@@ -158,6 +159,7 @@ class ChatService:
         request_id = request_id or uuid.uuid4().hex
         trace = Trace()
         self.check(request)
+        request = _utf8_request(request)
         request = await self._with_stored_turns(request, trace)
         user_message, sources = None, None
         if request.knowledge is not None:
@@ -246,7 +248,7 @@ class ChatService:
     async def stream_completion(self, prompt: str, params: SamplingParams, request_id: Optional[str] = None) -> AsyncIterator[ChatEvent]:
         """A raw text completion (no chat template), for /v1/completions."""
         self._check_stop(params)
-        chunks = self.engine.generate_from_prompt(prompt, params, request_id or uuid.uuid4().hex)
+        chunks = self.engine.generate_from_prompt(utf8_safe(prompt), params, request_id or uuid.uuid4().hex)
         async for event in self._events(chunks, None):
             yield event
 
@@ -325,6 +327,15 @@ class ChatService:
 
     def shutdown(self) -> None:
         self._preprocess.shutdown()
+
+
+def _utf8_request(request: ChatRequest) -> ChatRequest:
+    """Lone surrogates that JSON let through would fail the tokenizer (a 500); they become U+FFFD."""
+    texts = [request.system_prompt, *(t.content for t in request.turns)]
+    if all(utf8_safe(t) is t for t in texts):
+        return request
+    return replace(request, system_prompt=utf8_safe(request.system_prompt),
+                   turns=[ChatMessage(t.role, utf8_safe(t.content)) for t in request.turns])
 
 
 async def last_event(events: AsyncIterator[ChatEvent]) -> ChatEvent:

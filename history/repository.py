@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 import sqlalchemy as sa
 
+from engine.text import utf8_safe
 from history.tables import HistoryTables
 
 TITLE_CHARS = 80
@@ -40,8 +41,13 @@ def iso(value: dt.datetime) -> str:
     return value.isoformat(timespec="microseconds") + "Z"
 
 
+def storable(text: str) -> str:
+    """Text every database takes: PostgreSQL refuses NUL characters, and no driver encodes lone surrogates."""
+    return utf8_safe(text.replace("\x00", "\ufffd") if "\x00" in text else text)
+
+
 def title_from(question: str) -> str:
-    line = " ".join(question.split())
+    line = " ".join(storable(question).split())
     return line if len(line) <= TITLE_CHARS else line[:TITLE_CHARS - 1] + "…"
 
 
@@ -143,6 +149,7 @@ class HistoryRepository:
                                                     spans=trace))
 
     def _bounded(self, text: str) -> tuple[str, bool]:
+        text = storable(text)
         if len(text) <= self.max_message_chars:
             return text, False
         return text[:self.max_message_chars], True
@@ -153,6 +160,7 @@ class HistoryRepository:
         s, m = self.t.sessions, self.t.messages
         query = sa.select(s).where(s.c.user_id == user_id)
         if q:
+            q = storable(q)
             pattern = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             in_messages = sa.select(m.c.id).where(m.c.session_id == s.c.id, m.c.content.ilike(pattern, escape="\\"))
             query = query.where(sa.or_(s.c.title.ilike(pattern, escape="\\"), in_messages.exists()))
@@ -178,7 +186,8 @@ class HistoryRepository:
 
     def update_session(self, session_id: str, user_id: str, title: Optional[str], pinned: Optional[bool]) -> dict:
         s = self.t.sessions
-        values = {k: v for k, v in (("title", title), ("pinned", pinned)) if v is not None}
+        values = {k: v for k, v in (("title", storable(title) if title is not None else None), ("pinned", pinned))
+                  if v is not None}
         mine = sa.and_(s.c.id == session_id, s.c.user_id == user_id)
         with self.engine.begin() as c:
             if c.execute(sa.select(s.c.id).where(mine)).first() is None:

