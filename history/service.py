@@ -29,6 +29,8 @@ T = TypeVar("T")
 
 #: how long a database error keeps /health degraded after the last failure
 DEGRADED_SECONDS = 60.0
+#: longest an answer's last event waits for its exchange to be written; the write itself goes on
+RECORD_WAIT = 10.0
 #: the errors that mean the database cannot be reached or used (not a bad value in one request)
 OUTAGES = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
 
@@ -52,7 +54,13 @@ def make_engine(url: str) -> sa.Engine:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8, pool_recycle=1800)
+    # a database that does not answer must not hold answers for long (see RECORD_WAIT)
+    backend = sa.engine.make_url(url).get_backend_name()
+    connect_args = {"connect_timeout": 5} if backend in ("postgresql", "mysql", "mariadb") else {}
+    if backend in ("mysql", "mariadb"):
+        connect_args.update(read_timeout=30, write_timeout=30)
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8, pool_recycle=1800,
+                            pool_timeout=10, connect_args=connect_args)
 
 
 class HistoryService:
@@ -123,9 +131,11 @@ class HistoryService:
         """Store an answered exchange and its trace; waits so a next turn on any instance sees it."""
         future = self.submit(self._write, exchange, trace)
         try:
-            await asyncio.wrap_future(future)
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), RECORD_WAIT)
         except SessionNotFound:
             raise
+        except asyncio.TimeoutError:
+            log.warning("the conversation database is slow: an answer went out before its exchange was stored")
         except Exception:
             pass  # logged, and /health says degraded
 

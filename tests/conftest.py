@@ -29,6 +29,9 @@ from knowledge.service import KnowledgeService  # noqa: E402
 from tests import db_servers  # noqa: E402
 
 TOKEN = "test-token-7f3a"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
 ARTIFACTS = ROOT / "tests" / "artifacts"
 RAG_DEV = ROOT.parent / "shared" / "rag-dev"
 
@@ -155,3 +158,15 @@ def mariadb_url():
         pytest.fail("MariaDB is not installed (make test installs it)")
     with db_servers.mariadb_server() as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian Chromium for the browser tests (never a downloaded build)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        # launch() starts Chromium on a fresh, empty temporary profile
+        instance = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield instance
+        instance.close()

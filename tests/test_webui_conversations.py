@@ -12,19 +12,10 @@ from playwright.sync_api import Page, expect
 
 from tests.conftest import free_port
 from tests.history_fixtures import serve_with_history
-from tests.test_webui_browser import CHROMIUM, CHROMIUM_ARGS, _set_max_tokens, _settled
+from tests.conftest import CHROMIUM
+from tests.test_webui_browser import _set_max_tokens, _settled
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed (make test installs it)")
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        yield instance
-        instance.close()
 
 
 def _open(page: Page, url: str) -> None:
@@ -40,13 +31,25 @@ def _ask(page: Page, question: str) -> list[str]:
     return _settled(page)
 
 
+def _questions(history, title: str) -> list[str]:
+    """The stored questions of the session with this title (whoever owns it), straight from the database."""
+    import sqlalchemy as sa
+
+    t = history.repo.t
+    with history.engine.connect() as c:
+        session = c.execute(sa.select(t.sessions.c.id).where(t.sessions.c.title == title)).scalar_one()
+        return list(c.execute(sa.select(t.messages.c.content).where(t.messages.c.session_id == session,
+                                                                    t.messages.c.role == "user")
+                              .order_by(t.messages.c.id)).scalars())
+
+
 def _session_labels(page: Page) -> list[str]:
     return [t.strip() for t in page.locator("#chat-sessions label").all_inner_texts()]
 
 
-def test_conversations_survive_reload_and_restart_and_can_be_managed(chromium, engine, knowledge, tmp_path, artifacts):
+def test_conversations_survive_reload_and_restart_and_can_be_managed(browser, engine, knowledge, tmp_path, artifacts):
     url_db, port = f"sqlite:///{tmp_path / 'chat_history.db'}", free_port()
-    context = chromium.new_context(viewport={"width": 1400, "height": 1000})
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     server = serve_with_history(engine, knowledge, url_db, port=port)
     live, _ = next(server)
@@ -74,7 +77,7 @@ def test_conversations_survive_reload_and_restart_and_can_be_managed(chromium, e
     # so does a server restart (same port, same database, a fresh process state)
     server.close()
     server = serve_with_history(engine, knowledge, url_db, port=port)
-    live, _ = next(server)
+    live, history = next(server)
     _open(page, live.url)
     expect(page.locator("#chat-window").get_by_text("Details:")).to_have_count(2, timeout=30_000)
     assert "Paris" in " ".join(_settled(page))
@@ -90,11 +93,16 @@ def test_conversations_survive_reload_and_restart_and_can_be_managed(chromium, e
     expect(page.locator("#chat-sessions label")).to_have_count(1, timeout=10_000)
     page.locator("#chat-sessions label").first.click()
     expect(page.locator("#chat-window")).to_contain_text("Paris", timeout=10_000)
+    # a message sent now continues the reopened conversation, not the one opened before it
+    _ask(page, "And of Italy?")
+    assert _questions(history, "What is the capital of France?") == [
+        "What is the capital of France?", "And of Germany?", "And of Italy?"]
+    assert _questions(history, "Name a colour.") == ["Name a colour."]
     page.locator("#chat-manage").get_by_text("Rename").first.click()
     title = page.locator("#chat-title input, #chat-title textarea").first
     expect(title).to_have_value("What is the capital of France?", timeout=10_000)  # the opened session's, filled in
     title.fill("European capitals")
-    page.locator("#chat-rename").click()
+    title.press("Enter")
     expect(page.locator("#chat-sessions")).to_contain_text("European capitals", timeout=10_000)
     page.locator("#chat-export-md").click()
     download = page.locator("#chat-download a").first

@@ -111,10 +111,13 @@ class ConversationSidebar:
         self.new.click(self.new_chat, [browser], [chatbot, browser, self.sessions, self.title], queue=False)
         self.search.change(self.refresh, listing, [self.sessions], queue=False)
         self.sessions.input(self._open, [self.sessions, browser], [chatbot, browser, self.title])
-        self.rename.click(self._rename, [self.title, self.search, browser], [self.sessions])
-        self.delete.click(self._delete, [self.search, browser], [chatbot, browser, self.sessions, self.title])
-        self.export_md.click(self._export, [gr.State("markdown"), browser], [self.download])
-        self.export_json.click(self._export, [gr.State("json"), browser], [self.download])
+        # rename, delete and export act on the conversation selected in the list (else the open one)
+        renaming = [self.title, self.search, self.sessions, browser]
+        self.rename.click(self._rename, renaming, [self.sessions])
+        self.title.submit(self._rename, renaming, [self.sessions])  # Enter in the title box renames too
+        self.delete.click(self._delete, [self.search, self.sessions, browser], [chatbot, browser, self.sessions, self.title])
+        self.export_md.click(self._export, [gr.State("markdown"), self.sessions, browser], [self.download])
+        self.export_json.click(self._export, [gr.State("json"), self.sessions, browser], [self.download])
 
     async def refresh(self, q: Optional[str], browser: Optional[dict], request: gr.Request = None):
         user, browser = self.users.identify(request, browser)
@@ -163,9 +166,10 @@ class ConversationSidebar:
         browser[self.tab] = session_id
         return messages, browser, title
 
-    async def _rename(self, title: str, q: Optional[str], browser: Optional[dict], request: gr.Request = None):
+    async def _rename(self, title: str, q: Optional[str], selected: Optional[str], browser: Optional[dict],
+                      request: gr.Request = None):
         user, browser = self.users.identify(request, browser)
-        session_id, title = browser.get(self.tab), (title or "").strip()
+        session_id, title = selected or browser.get(self.tab), (title or "").strip()
         if session_id and title:
             try:
                 await self.history.call(self.history.repo.update_session, session_id, user, title[:200], None)
@@ -173,20 +177,23 @@ class ConversationSidebar:
                 gr.Warning("This conversation is not stored yet: send a message first.")
         return await self.refresh(q, browser, request)
 
-    async def _delete(self, q: Optional[str], browser: Optional[dict], request: gr.Request = None):
+    async def _delete(self, q: Optional[str], selected: Optional[str], browser: Optional[dict], request: gr.Request = None):
         user, browser = self.users.identify(request, browser)
-        session_id = browser.get(self.tab)
+        session_id = selected or browser.get(self.tab)
         if session_id:
             try:
                 await self.history.call(self.history.repo.delete_session, session_id, user)
             except SessionNotFound:
                 pass
+        if session_id and session_id != browser.get(self.tab):  # another conversation than the open one
+            return gr.update(), browser, await self.refresh(q, browser, request), gr.update()
         browser[self.tab] = ""
         return [], browser, await self.refresh(q, browser, request), ""
 
-    async def _export(self, fmt: str, browser: Optional[dict], request: gr.Request = None) -> Optional[str]:
+    async def _export(self, fmt: str, selected: Optional[str], browser: Optional[dict],
+                      request: gr.Request = None) -> Optional[str]:
         user, browser = self.users.identify(request, browser)
-        session_id = browser.get(self.tab)
+        session_id = selected or browser.get(self.tab)
         if not session_id:
             gr.Warning("Open or start a conversation first.")
             return None
