@@ -156,6 +156,16 @@ class HistoryService:
     # ---- health and shutdown -----------------------------------------------------------------
 
     @property
+    def model_name(self) -> str:
+        return self.exporter.model if self.exporter is not None else ""
+
+    @model_name.setter
+    def model_name(self, name: str) -> None:
+        """Known once the model has loaded (the database is opened first); exported traces carry it."""
+        if self.exporter is not None:
+            self.exporter.model = name
+
+    @property
     def degraded(self) -> bool:
         return self._failed_at is not None and time.monotonic() - self._failed_at < DEGRADED_SECONDS
 

@@ -70,7 +70,7 @@ class OtlpExporter:
         self._provider = TracerProvider(resource=Resource.create({"service.name": f"chatllm-webui-{service_name}"}))
         self._provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, timeout=5)))
         self._tracer = self._provider.get_tracer("chatllm-webui")
-        self._model = model
+        self.model = model
 
     def export(self, trace: Trace, session_id: Optional[str], user_id: Optional[str]) -> None:
         from opentelemetry import trace as otel
@@ -79,13 +79,13 @@ class OtlpExporter:
         parent = NonRecordingSpan(SpanContext(trace_id=int(trace.id, 16), span_id=int(secrets.token_hex(8), 16),
                                               is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)))
         end = max((s.start + s.duration_ms / 1000 for s in trace.spans), default=trace.start)
-        root_attrs = {"gen_ai.operation.name": "chat", "gen_ai.request.model": self._model,
+        root_attrs = {"gen_ai.operation.name": "chat", "gen_ai.request.model": self.model,
                       "gen_ai.system": "chatllm-webui"}
         if session_id:
             root_attrs["session.id"] = root_attrs["gen_ai.conversation.id"] = session_id
         if user_id:
             root_attrs["user.id"] = user_id
-        root = self._tracer.start_span(f"chat {self._model}", context=otel.set_span_in_context(parent),
+        root = self._tracer.start_span(f"chat {self.model}", context=otel.set_span_in_context(parent),
                                        start_time=_ns(trace.start), attributes=root_attrs)
         context = otel.set_span_in_context(root)
         for step in trace.spans:

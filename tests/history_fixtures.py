@@ -15,10 +15,10 @@ def history_service(url: str, **settings) -> HistoryService:
     return service
 
 
-def serve_with_history(engine, knowledge, url: str, token=None, port=None,
+def serve_with_history(engine, knowledge, url: str, token=None, port=None, limits=None,
                        **settings) -> Iterator[tuple[LiveServer, HistoryService]]:
     history = history_service(url, **settings)
-    chat = ChatService(engine, knowledge, history=history)
+    chat = ChatService(engine, knowledge, limits, history=history)
     try:
         for live in serve(chat, token, knowledge=knowledge, port=port):
             yield live, history

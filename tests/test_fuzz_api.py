@@ -2,7 +2,8 @@
 
 Valid and invalid requests are generated from the published schemas; the
 server runs the real model with a small context (so each generated answer is
-short) and its own knowledge folder (so generated deletes touch nothing else).
+short), its own knowledge folder (so generated deletes touch nothing else) and
+its own conversation database.
 `bench/fuzz.py` runs the same check with many more examples.
 """
 
@@ -19,6 +20,7 @@ from hypothesis.errors import Unsatisfiable
 
 from chat import ChatService
 from engine.config import EngineConfig
+from history import HistoryConfig, HistoryService
 from engine.factory import build_engine
 from knowledge.config import KnowledgeConfig
 from knowledge.service import KnowledgeService
@@ -31,9 +33,13 @@ EXAMPLES = int(os.environ.get("CHATLLM_FUZZ_EXAMPLES", "8"))
 def fuzz_server(embedder, tmp_path_factory) -> Iterator[LiveServer]:
     engine = build_engine(EngineConfig(max_model_len=96))
     knowledge = KnowledgeService(KnowledgeConfig(knowledge_dir=str(tmp_path_factory.mktemp("fuzz-kb"))), embedder)
-    chat = ChatService(engine, knowledge)
+    # conversations kept, so the history routes are fuzzed against a real database, not their 404
+    history = HistoryService(HistoryConfig(), f"sqlite:///{tmp_path_factory.mktemp('fuzz-history') / 'h.db'}")
+    history.start()
+    chat = ChatService(engine, knowledge, history=history)
     yield from serve(chat, None, knowledge=knowledge)
     chat.shutdown()
+    history.shutdown()
     knowledge.shutdown()
     engine.shutdown()
 

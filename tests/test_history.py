@@ -30,8 +30,13 @@ def hist(request, engine, knowledge, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hist_sqlite(engine, knowledge, tmp_path_factory):
-    """For what does not depend on the database (wire formats, clients): SQLite only."""
-    yield from serve_with_history(engine, knowledge, database_url(None, "sqlite", tmp_path_factory))
+    """For what does not depend on the database (wire formats, clients): SQLite only.
+
+    Answers without max_new_tokens (the seed scripts send none) stop at 48 tokens here, not 512."""
+    from chat import ChatLimits
+
+    yield from serve_with_history(engine, knowledge, database_url(None, "sqlite", tmp_path_factory),
+                                  limits=ChatLimits(default_max_new_tokens=48))
 
 
 @pytest.fixture

@@ -66,6 +66,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from knowledge.embeddings import EmbeddingLoadError, build_embedder
     from knowledge.service import KnowledgeService
 
+    history = None
+    if history_config.history:
+        from history import HistoryService
+
+        # the database before the model: a wrong URL fails in seconds, not after the model has loaded
+        history = HistoryService(history_config, history_config.database_url(server_config.data_dir))
+        try:
+            history.start()  # schema upgrades before the first request
+        except Exception as exc:
+            print(f"error: the conversation database {history.health()['database']} could not be opened or upgraded: "
+                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+            return 2
+        log.info("conversations stored in %s", history.health()["database"])
     try:
         # the knowledge base first: its settings are checked in a second, the model takes longer
         knowledge = KnowledgeService(knowledge_config, build_embedder(knowledge_config.embedding_model))
@@ -79,18 +92,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from api.app import build_app
     from api.serving import uvicorn_config
 
-    history = None
-    if history_config.history:
-        from history import HistoryService
-
-        history = HistoryService(history_config, history_config.database_url(server_config.data_dir), engine.model_name)
-        try:
-            history.start()  # schema upgrades before the first request
-        except Exception as exc:
-            print(f"error: the conversation database {history.health()['database']} could not be opened or upgraded: "
-                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
-            return 2
-        log.info("conversations stored in %s", history.health()["database"])
+    if history is not None:
+        history.model_name = engine.model_name
     chat = ChatService(engine, knowledge, chat_limits, history)
     ui = None
     if not server_config.api_only:
