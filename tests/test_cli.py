@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -14,6 +15,8 @@ SERVER = [sys.executable, str(ROOT / "webui" / "webui_server.py")]
 
 
 def _run(*args, timeout=120, env=None):
+    if "--data-dir" not in args:  # the conversation database opens first: never in the checkout's ./data
+        args = (*args, "--data-dir", tempfile.mkdtemp(prefix="chatllm-cli-"))
     return subprocess.run(
         [*SERVER, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
