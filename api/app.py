@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Optional
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from api import eas_http, eas_ws, health, history_api, knowledge_api, login, openai_api
+from api import eas_http, eas_ws, health, history_api, knowledge_api, login, openai_api, tokenize
 from api.config import ServerConfig
 from api.errors import APIError, error_response, install_error_handlers
 from api.guard import GuardPolicy, RequestGuard
@@ -61,6 +61,7 @@ def build_app(
     app.include_router(knowledge_api.router)
     app.include_router(history_api.router)
     app.include_router(openai_api.router)
+    app.include_router(tokenize.router)
     for router in extra_routers:
         app.include_router(router)
     # POST / and the WebSocket at / come before any UI mounted at /, so they win

@@ -15,6 +15,7 @@ from chat import KnowledgeUnavailableError, RequestLimitError
 from history import HistoryUnavailable, SessionNotFound
 from history.repository import BadCursor
 from engine import EngineError, EngineOverloadedError, PromptTooLongError
+from engine.remote_errors import EngineRejectedError, EngineUnavailableError, EngineUpstreamError
 from knowledge.loaders import LoaderError
 from knowledge.names import NameError_
 from knowledge.service import IngestQueueFullError
@@ -96,6 +97,12 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc))
     if isinstance(exc, PromptTooLongError):
         return APIError(400, str(exc), param="prompt", code="context_length_exceeded")
+    if isinstance(exc, EngineUnavailableError):
+        return APIError(503, str(exc), type_="server_error", code="engine_unavailable", retry_after=5)
+    if isinstance(exc, EngineUpstreamError):
+        return APIError(502, str(exc), type_="server_error", code="engine_error")
+    if isinstance(exc, EngineRejectedError):
+        return APIError(400, str(exc), code="engine_rejected")
     if isinstance(exc, EngineOverloadedError):
         return APIError(503, str(exc), type_="overloaded_error", code="server_overloaded", retry_after=5)
     if isinstance(exc, EngineError):

@@ -7,6 +7,7 @@ the model, load and knowledge-base names are for those holding the token.
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from api.guard import AUTHENTICATED
 
@@ -17,12 +18,13 @@ router = APIRouter()
 async def health(request: Request) -> dict:
     state = request.app.state
     history = state.chat.history
-    status = "degraded" if history is not None and history.degraded else "ok"
+    ready = await state.chat.engine.ready()
+    status = "unavailable" if not ready else "degraded" if history is not None and history.degraded else "ok"
     if not request.scope.get(AUTHENTICATED, False):
-        return {"status": status, "ready": True}
+        return {"status": status, "ready": ready}
     return {
         "status": status,
-        "ready": True,
+        "ready": ready,
         "model_loaded": True,
         "model": state.chat.model_name,
         "engine": state.chat.engine.health(),
@@ -37,10 +39,13 @@ async def live() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/health/ready", summary="The model is loaded and requests are served")
-async def ready() -> dict:
-    # the app is built only after the model has loaded, so answering at all means ready
-    return {"status": "ok", "ready": True}
+@router.get("/health/ready", summary="The model is loaded and requests are served",
+            responses={503: {"description": "the inference engine cannot be reached"}})
+async def ready(request: Request):
+    # the app is built only after the model has loaded; what can still fail is a remote inference engine
+    if await request.app.state.chat.engine.ready():
+        return {"status": "ok", "ready": True}
+    return JSONResponse({"status": "unavailable", "ready": False}, status_code=503, headers={"Retry-After": "5"})
 
 
 def _knowledge(service) -> dict:

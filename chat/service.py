@@ -180,12 +180,18 @@ class ChatService:
             turns, prompt_tokens = await self._preprocess.run(self._fit, request, user_message)
             span.attributes.update(prompt_tokens=prompt_tokens, turns_given=len(request.turns), turns_kept=len(turns))
         params = request.params
+        if params.max_new_tokens > self.engine.max_model_len - prompt_tokens:
+            # the answer gets the room the context leaves (a remote engine would refuse the request instead)
+            params = replace(params, max_new_tokens=max(1, self.engine.max_model_len - prompt_tokens))
         started, first_token_at, event = time.perf_counter(), None, None
         chunks = self.engine.generate(request.messages(turns, user_message), params, request_id)
         try:
             with trace.span("generation", model=self.model_name, temperature=params.temperature, top_p=params.top_p,
                             top_k=params.top_k, max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
                             repetition_penalty=params.repetition_penalty, seed=params.seed) as span:
+                ignored = self.engine.ignored_params(params)
+                if ignored:
+                    span.attributes["ignored_params"] = ignored  # the engine cannot honour these: say so
                 async with contextlib.aclosing(self._events(chunks, sources)) as events:
                     async for event in events:
                         if first_token_at is None and event.delta:

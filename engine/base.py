@@ -49,5 +49,13 @@ class Engine(abc.ABC):
     def health(self) -> dict:
         """What an operator needs to know: loaded, busy, limits."""
 
+    async def ready(self) -> bool:
+        """Whether requests can be served now; an in-process model is, once built."""
+        return True
+
+    def ignored_params(self, params: SamplingParams) -> list[str]:
+        """Sampling fields set in `params` that this backend cannot honour (a remote server's limits)."""
+        return []
+
     def shutdown(self) -> None:
         """Release worker threads; the default backend has nothing to do."""

@@ -7,7 +7,7 @@ from typing import Optional
 
 from engine.templates import family_names
 
-BACKENDS = ("transformers", "vllm")
+BACKENDS = ("transformers", "openai", "vllm")
 
 
 @dataclass
@@ -45,7 +45,48 @@ class EngineConfig:
     )
     backend: str = field(
         default="transformers",
-        metadata={"help": "model runner", "choices": list(BACKENDS)},
+        metadata={"help": "model runner: transformers = in this process; openai = an OpenAI-compatible "
+                          "inference server at --engine-url (vLLM, SGLang, TGI, Ollama, transformers serve, another "
+                          "ChatLLM-WebUI); vllm = start and supervise `vllm serve --model-path` (or --engine-command)",
+                  "choices": list(BACKENDS)},
+    )
+    engine_url: Optional[str] = field(
+        default=None,
+        metadata={"help": "--backend openai: the inference server's OpenAI base URL, e.g. http://10.0.0.5:8000/v1"},
+    )
+    engine_api_key: Optional[str] = field(
+        default=None,
+        metadata={"help": "the inference server's API key (also from the environment variable "
+                          "CHATLLM_ENGINE_API_KEY)"},
+    )
+    engine_model: Optional[str] = field(
+        default=None,
+        metadata={"help": "the model name to ask the inference server for; default: the first it lists"},
+    )
+    engine_timeout: float = field(
+        default=600.0,
+        metadata={"help": "seconds the inference server may stay silent mid-answer before the request fails"},
+    )
+    engine_retries: int = field(
+        default=2,
+        metadata={"help": "retries of a failed engine request, only before its first token (later ones would "
+                          "repeat text the client has)"},
+    )
+    engine_wait: Optional[float] = field(
+        default=None,
+        metadata={"help": "seconds start-up waits for the inference server to answer; default 60 for --backend "
+                          "openai, 1800 for a supervised vllm (a large model loads for minutes)"},
+    )
+    engine_command: Optional[str] = field(
+        default=None,
+        metadata={"help": "--backend vllm: the engine's command line instead of `vllm serve ...`, with {port} "
+                          "where the internal port goes (any OpenAI-compatible server)"},
+    )
+    engine_args: str = field(
+        default="",
+        metadata={"help": "--backend vllm: more arguments for `vllm serve`, e.g. \"--tensor-parallel-size 2 "
+                          "--gpu-memory-utilization 0.9\" or \"--pipeline-parallel-size 2 "
+                          "--distributed-executor-backend ray\""},
     )
     generation_config: str = field(
         default="auto",

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shlex
+import shutil
+import socket
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +20,8 @@ from engine.prompting import PromptBuilder
 from engine.types import ModelLoadError
 
 log = logging.getLogger(__name__)
+
+ENGINE_KEY_ENV = "CHATLLM_ENGINE_API_KEY"
 
 
 def _build_transformers(config: EngineConfig, source: ModelSource) -> Engine:
@@ -53,22 +60,88 @@ def model_generation_defaults(config: EngineConfig, source: ModelSource) -> Gene
     return defaults
 
 
-def _build_vllm(config: EngineConfig, source: ModelSource) -> Engine:
-    if importlib.util.find_spec("vllm") is None:
+def _build_openai(config: EngineConfig) -> Engine:
+    from engine.remote_connect import connect_remote
+
+    if not config.engine_url:
+        raise ModelLoadError("--backend openai needs --engine-url, the inference server's OpenAI base URL "
+                             "(e.g. http://127.0.0.1:8001/v1)")
+    return connect_remote(_remote_settings(config, config.engine_url.rstrip("/"), 60.0), config.generation_config)
+
+
+def _build_vllm(config: EngineConfig) -> Engine:
+    from engine.remote_connect import connect_remote
+    from engine.supervisor import EngineProcess
+
+    port = free_loopback_port()
+    process = EngineProcess(engine_command(config, port))
+    process.start()
+    try:
+        engine = connect_remote(_remote_settings(config, f"http://127.0.0.1:{port}/v1", 1800.0),
+                                config.generation_config, alive=process.exit_reason)
+    except BaseException:
+        process.stop()
+        raise
+    engine.process = process
+    return engine
+
+
+def engine_command(config: EngineConfig, port: int) -> list[str]:
+    """The supervised engine's argv: --engine-command with {port} filled in, or `vllm serve` with our settings."""
+    if config.engine_command:
+        if "{port}" not in config.engine_command:
+            raise ModelLoadError("--engine-command must say where the internal port goes with {port}, "
+                                 "e.g. \"vllm serve Qwen/Qwen2-7B-Instruct --port {port}\"")
+        return [part.replace("{port}", str(port)) for part in shlex.split(config.engine_command)]
+    vllm = shutil.which("vllm") or str(Path(sys.executable).parent / "vllm")
+    if importlib.util.find_spec("vllm") is None or not Path(vllm).exists():
         raise ModelLoadError(
-            "--backend vllm was asked for, but the vllm package is not installed "
-            "(pip install vllm on a CUDA machine), or use --backend transformers"
+            "--backend vllm starts `vllm serve`, but vLLM is not installed here: pip install vllm (it needs an "
+            "NVIDIA GPU with CUDA); or run vLLM yourself and use --backend openai --engine-url, or give "
+            "--engine-command"
         )
-    raise ModelLoadError("the vllm backend is not available in this version; use --backend transformers")
+    if not config.model_path:
+        raise ModelLoadError("--backend vllm needs --model-path: a hub id such as Qwen/Qwen2-7B-Instruct or a model "
+                             "directory")
+    argv = [vllm, "serve", config.model_path, "--host", "127.0.0.1", "--port", str(port)]
+    if config.served_model_name:
+        argv += ["--served-model-name", config.served_model_name]
+    if config.max_model_len:
+        argv += ["--max-model-len", str(config.max_model_len)]
+    if config.trust_remote_code:
+        argv.append("--trust-remote-code")
+    if config.precision in ("fp16", "bf16", "fp32"):
+        argv += ["--dtype", {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[config.precision]]
+    return argv + shlex.split(config.engine_args)
 
 
-BACKEND_BUILDERS: dict[str, Callable[[EngineConfig, ModelSource], Engine]] = {
-    "transformers": _build_transformers,
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _remote_settings(config: EngineConfig, url: str, default_wait: float):
+    from engine.remote import RemoteSettings
+
+    return RemoteSettings(
+        url=url,
+        api_key=config.engine_api_key or os.environ.get(ENGINE_KEY_ENV) or None,
+        model=config.engine_model or config.served_model_name,
+        max_model_len=config.max_model_len,
+        timeout=config.engine_timeout,
+        retries=max(0, config.engine_retries),
+        wait=config.engine_wait if config.engine_wait is not None else default_wait,
+    )
+
+
+BACKEND_BUILDERS: dict[str, Callable[[EngineConfig], Engine]] = {
+    "transformers": lambda config: _build_transformers(config, resolve_model_source(config.model_path)),
+    "openai": _build_openai,
     "vllm": _build_vllm,
 }
 
 
 def build_engine(config: EngineConfig) -> Engine:
     """Resolve, load and wrap the model; raises ModelLoadError with one clear sentence."""
-    source = resolve_model_source(config.model_path)
-    return BACKEND_BUILDERS[config.backend](config, source)
+    return BACKEND_BUILDERS[config.backend](config)

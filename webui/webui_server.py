@@ -56,7 +56,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         level=server_config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    changed = {**non_defaults(server_config), **non_defaults(chat_limits), **non_defaults(engine_config),
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine request would drown the log
+    changed = {**non_defaults(server_config), **non_defaults(chat_limits), **non_defaults(engine_config, ("engine_api_key",)),
                **non_defaults(knowledge_config), **non_defaults(history_config, ("token", "history_db"))}
     log.info("settings: %s", changed or "all defaults")
 

@@ -1,0 +1,366 @@
+"""An OpenAI-compatible inference server as the model runner.
+
+vLLM, SGLang, TGI, Ollama, `transformers serve` or another ChatLLM-WebUI do
+the model work; everything above the engine (prompts' history fitting,
+knowledge, conversations, every surface) stays here. Answers stream token by
+token over one pooled HTTP client; closing a stream closes the upstream
+response at once, which is how those servers learn a client has gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional, Sequence
+
+import httpx
+
+from engine.base import Engine
+from engine.generation_defaults import GenerationDefaults
+from engine.remote_errors import (
+    EngineRejectedError,
+    EngineUnavailableError,
+    EngineUpstreamError,
+    error_for_status,
+    explain_transport_error,
+)
+from engine.types import ChatMessage, EngineOverloadedError, GenerationChunk, SamplingParams, Usage
+
+log = logging.getLogger(__name__)
+
+#: request fields outside OpenAI's own set; servers differ on which they take
+EXTENSIONS = ("top_k", "repetition_penalty", "ignore_eos")
+#: tokens a message's role and framing take in every common chat template, for the estimate below
+MESSAGE_OVERHEAD_TOKENS = 8
+READY_CACHE_S = 1.0
+OURS = "chatllm-webui"
+_END = object()  # the engine's stream ended normally
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    url: str  # the server's OpenAI base, ending in /v1
+    api_key: Optional[str] = None
+    model: Optional[str] = None  # default: the first model the server lists
+    max_model_len: Optional[int] = None  # default: what /v1/models says
+    timeout: float = 600.0  # longest silence between two streamed chunks
+    retries: int = 2  # attempts more, only before the first token
+    wait: float = 60.0  # how long start-up waits for the server to answer
+
+    @property
+    def root(self) -> str:
+        """The server's root, where vLLM and ChatLLM-WebUI serve /tokenize."""
+        return self.url[:-3] if self.url.endswith("/v1") else self.url
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    model: str
+    max_model_len: Optional[int]
+    owned_by: str
+
+
+def sampling_body(params: SamplingParams, supported: frozenset[str]) -> tuple[dict, list[str]]:
+    """The OpenAI request fields for `params`, and the fields asked for that the server cannot take."""
+    body: dict = {"max_tokens": params.max_new_tokens, "temperature": 0.0 if params.greedy else params.temperature}
+    wanted: dict = {}
+    if not params.greedy:
+        body["top_p"] = params.top_p
+        if params.top_k > 0:
+            wanted["top_k"] = params.top_k
+    if params.repetition_penalty != 1.0:
+        wanted["repetition_penalty"] = params.repetition_penalty
+    if params.ignore_eos:
+        wanted["ignore_eos"] = True
+    if params.presence_penalty:
+        body["presence_penalty"] = params.presence_penalty
+    if params.frequency_penalty:
+        body["frequency_penalty"] = params.frequency_penalty
+    if params.stop:
+        body["stop"] = list(params.stop)
+    if params.seed is not None:
+        body["seed"] = params.seed
+    ignored = sorted(name for name in wanted if name not in supported)
+    body.update({name: value for name, value in wanted.items() if name in supported})
+    return body, ignored
+
+
+def estimate_tokens(messages: Sequence[ChatMessage]) -> int:
+    """An upper-leaning estimate when the server cannot count: a token is rarely under 3 UTF-8 bytes
+    (English runs ~4, Chinese one character of 3 bytes), so history fitting errs towards room to spare."""
+    return sum(math.ceil(len(m.content.encode("utf-8")) / 3) + MESSAGE_OVERHEAD_TOKENS for m in messages)
+
+
+class RemoteEngine(Engine):
+    def __init__(self, settings: RemoteSettings, facts: ServerFacts, supported: frozenset[str],
+                 counts_tokens: bool, generation_defaults: GenerationDefaults = GenerationDefaults(),
+                 fallback_max_model_len: int = 4096) -> None:
+        self.settings = settings
+        self.model_name = facts.model
+        self.max_model_len = settings.max_model_len or facts.max_model_len or fallback_max_model_len
+        self.generation_defaults = generation_defaults
+        self.supported = supported
+        self.counts_tokens = counts_tokens
+        self._owned_by = facts.owned_by
+        self.process = None  # the supervised engine process (--backend vllm), stopped with this engine
+        self._headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+        self._client: Optional[httpx.AsyncClient] = None
+        self._client_loop: Optional[asyncio.AbstractEventLoop] = None
+        self._sync = httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), headers=self._headers)
+        self._live: dict[str, asyncio.Future] = {}  # request id -> its exchange with the engine
+        self._lock = threading.Lock()
+        self._ready = True
+        self._checked_at = 0.0
+        self._last_error: Optional[str] = None
+        self._warned: set[str] = set()
+        self._stats = {"requests": 0, "running": 0, "failed": 0, "retries": 0, "tokens_generated": 0,
+                       "ignored_params": 0, "cancelled": 0}
+
+    # ---- Engine ------------------------------------------------------------------------
+
+    def generate(self, messages: Sequence[ChatMessage], params: SamplingParams, request_id: str) -> AsyncIterator[GenerationChunk]:
+        body = {"messages": [{"role": m.role, "content": m.content} for m in messages]}
+        return self._stream("chat/completions", body, params, request_id, chat=True)
+
+    def generate_from_prompt(self, prompt: str, params: SamplingParams, request_id: str) -> AsyncIterator[GenerationChunk]:
+        return self._stream("completions", {"prompt": prompt}, params, request_id, chat=False)
+
+    def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        if not self.counts_tokens:
+            return estimate_tokens(messages)
+        body = {"model": self.model_name, "add_generation_prompt": True,
+                "messages": [{"role": m.role, "content": m.content} for m in messages]}
+        try:
+            response = self._sync.post(self.settings.root + "/tokenize", json=body)
+        except httpx.HTTPError as exc:
+            self._mark_down(explain_transport_error(self.settings.url, exc))
+            raise EngineUnavailableError(self._last_error) from None
+        if response.status_code != 200:
+            raise error_for_status(response.status_code, _error_text(response.content), self.settings.url)
+        return int(response.json()["count"])
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            exchange = self._live.get(request_id)
+        if exchange is not None:
+            exchange.cancel()
+
+    def ignored_params(self, params: SamplingParams) -> list[str]:
+        """Fields of `params` this server cannot honour (reported in traces, logs and /metrics)."""
+        return sampling_body(params, self.supported)[1]
+
+    def health(self) -> dict:
+        return {
+            "backend": "openai",
+            "engine_url": self.settings.url,
+            "model": self.model_name,
+            "max_model_len": self.max_model_len,
+            "ready": self._ready,
+            "last_error": self._last_error,
+            "served_by": self._owned_by,
+            "sampling_extensions": sorted(self.supported),
+            "unsupported_params": sorted(set(EXTENSIONS) - self.supported),
+            "token_counts": "server /tokenize" if self.counts_tokens else "estimated from UTF-8 length",
+            "generation_defaults": {"source": self.generation_defaults.source, **self.generation_defaults.values()},
+            **self._stats,
+            **({"process": self.process.health()} if self.process is not None else {}),
+        }
+
+    async def ready(self) -> bool:
+        """Whether the server answers now; asked at most once a second, whatever the probe rate."""
+        if time.monotonic() - self._checked_at < READY_CACHE_S:
+            return self._ready
+        self._checked_at = time.monotonic()
+        try:
+            response = await self._http().get(self.settings.url + "/models", headers=self._headers, timeout=2.0)
+        except httpx.HTTPError as exc:
+            self._mark_down(explain_transport_error(self.settings.url, exc))
+            return False
+        if response.status_code != 200:
+            self._mark_down(f"the inference engine at {self.settings.url} answered /models with {response.status_code}")
+            return False
+        self._mark_up()
+        return True
+
+    def shutdown(self) -> None:
+        self._sync.close()
+        if self.process is not None:
+            self.process.stop()
+
+    # ---- streaming -----------------------------------------------------------------------
+
+    def _http(self) -> httpx.AsyncClient:
+        # a client belongs to the event loop that first used it
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.settings.timeout, connect=5.0),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            )
+            self._client_loop = loop
+        return self._client
+
+    def _payload(self, path_body: dict, params: SamplingParams) -> dict:
+        sampling, ignored = sampling_body(params, self.supported)
+        for name in ignored:
+            self._stats["ignored_params"] += 1
+            if name not in self._warned:
+                self._warned.add(name)
+                log.warning("the inference engine at %s does not take %r: requests setting it are answered without it",
+                            self.settings.url, name)
+        body = {"model": self.model_name, "stream": True, "stream_options": {"include_usage": True},
+                **path_body, **sampling}
+        if self._owned_by == OURS:
+            body["store"] = False  # another ChatLLM-WebUI as the engine: the conversation is kept here
+        return body
+
+    async def _stream(self, path: str, path_body: dict, params: SamplingParams, request_id: str,
+                      chat: bool) -> AsyncIterator[GenerationChunk]:
+        body = self._payload(path_body, params)
+        url = f"{self.settings.url}/{path}"
+        self._stats["requests"] += 1
+        self._stats["running"] += 1
+        usage, produced, finish = Usage(), 0, None
+        try:
+            for attempt in range(self.settings.retries + 1):
+                started = False
+                events: asyncio.Queue = asyncio.Queue()
+                exchange = asyncio.ensure_future(self._exchange(url, body, events))
+                with self._lock:
+                    self._live[request_id] = exchange
+                try:
+                    while (event := await events.get()) is not _END:
+                        if isinstance(event, BaseException):
+                            raise event
+                        delta, finish, event_usage = _parse_event(event, chat)
+                        if event_usage is not None:
+                            usage = event_usage
+                        if delta:
+                            started = True
+                            produced += 1
+                            yield GenerationChunk(delta=delta)
+                    break
+                except (httpx.TransportError, EngineUnavailableError, EngineUpstreamError) as exc:
+                    # a retry after the first token would repeat text the client already has
+                    if started or attempt == self.settings.retries or not getattr(exc, "retryable", True):
+                        raise self._failure(exc) from None
+                    self._stats["retries"] += 1
+                    log.info("inference engine attempt %d failed (%s); retrying", attempt + 1, exc)
+                    await asyncio.sleep(0.2 * 2 ** attempt)
+                finally:
+                    with self._lock:
+                        self._live.pop(request_id, None)
+                    exchange.cancel()  # a no-op when it ended; else the connection closes and the engine stops
+            if usage.completion_tokens == 0:
+                usage.completion_tokens = produced  # servers that send no usage: one chunk is about one token
+            self._stats["tokens_generated"] += usage.completion_tokens
+            yield GenerationChunk(delta="", finish_reason=_finish_reason(finish), usage=usage)
+        except (EngineRejectedError, EngineOverloadedError):
+            raise
+        except (GeneratorExit, asyncio.CancelledError):
+            self._stats["cancelled"] += 1
+            raise
+        except BaseException:
+            self._stats["failed"] += 1
+            raise
+        finally:
+            self._stats["running"] -= 1
+
+    async def _exchange(self, url: str, body: dict, events: asyncio.Queue) -> None:
+        """One HTTP exchange with the engine, feeding `events`, in a task of its own.
+
+        The consumer's task may sit in a server's cancel scope that, once the
+        client has gone, cancels every await in it, the pool's own closing of
+        the connection included: the connection would stay open and the engine
+        would generate for nobody. Cancelling this task closes it properly.
+        """
+        try:
+            async with self._http().stream("POST", url, json=body, headers=self._headers) as response:
+                if response.status_code != 200:
+                    raise error_for_status(response.status_code, _error_text(await response.aread()), self.settings.url)
+                self._mark_up()
+                async for event in _sse_events(response):
+                    events.put_nowait(event)
+            events.put_nowait(_END)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the consumer, who decides on retries
+            events.put_nowait(exc)
+
+    def _failure(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, httpx.TransportError):
+            message = explain_transport_error(self.settings.url, exc)
+            if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+                self._mark_down(message)
+                return EngineUnavailableError(message)
+            return EngineUpstreamError(message)
+        if isinstance(exc, EngineUnavailableError):
+            self._mark_down(str(exc))
+        return exc
+
+    def _mark_down(self, message: str) -> None:
+        if self._ready:
+            log.warning("%s", message)
+        self._ready, self._last_error = False, message
+
+    def _mark_up(self) -> None:
+        if not self._ready:
+            log.info("the inference engine at %s answers again", self.settings.url)
+        self._ready = True
+
+
+async def _sse_events(response: httpx.Response) -> AsyncIterator[dict]:
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue  # comments, keep-alives, event names
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except ValueError:
+            raise EngineUpstreamError(f"the inference engine sent a stream event that is not JSON: {data[:200]!r}") from None
+        if isinstance(event, dict) and "error" in event:
+            raise EngineUpstreamError(f"the inference engine failed mid-answer: {_message_of(event)}")
+        if isinstance(event, dict):
+            yield event
+
+
+def _parse_event(event: dict, chat: bool) -> tuple[str, Optional[str], Optional[Usage]]:
+    usage = None
+    if isinstance(event.get("usage"), dict):
+        u = event["usage"]
+        usage = Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
+    choices = event.get("choices") or []
+    if not choices:
+        return "", None, usage
+    choice = choices[0]
+    delta = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+    return delta or "", choice.get("finish_reason"), usage
+
+
+def _finish_reason(remote: Optional[str]):
+    return "length" if remote == "length" else "stop"
+
+
+def _message_of(body) -> str:
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict):
+            return str(error.get("message") or error.get("detail") or error)[:500]
+        if "detail" in body:
+            return str(body["detail"])[:500]
+        return str(error)[:500]
+    return str(body)[:500]
+
+
+def _error_text(content: bytes) -> str:
+    try:
+        return _message_of(json.loads(content))
+    except ValueError:
+        return content.decode("utf-8", "replace")[:500]
