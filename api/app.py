@@ -8,12 +8,14 @@ from typing import TYPE_CHECKING, Callable, Iterable, Optional
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from api import eas_http, eas_ws, health, history_api, knowledge_api, login, openai_api, tokenize
+from api import eas_http, eas_ws, health, history_api, knowledge_api, login, metrics_api, openai_api, tokenize
 from api.config import ServerConfig
 from api.errors import APIError, error_response, install_error_handlers
-from api.guard import GuardPolicy, RequestGuard
+from api.guard import PUBLIC_PATHS, GuardPolicy, RequestGuard
+from api.metrics_api import HttpMetrics
 from api.sessions import FailureLimiter, SessionSigner
 from chat import ChatService
+from metrics.registry import Metrics
 
 if TYPE_CHECKING:
     from knowledge.service import KnowledgeService
@@ -28,6 +30,7 @@ def build_app(
     knowledge: Optional["KnowledgeService"] = None,
     ui: Optional[AppPart] = None,
     extra_routers: Iterable[APIRouter] = (),
+    metrics: Optional[Metrics] = None,
 ) -> FastAPI:
     app = FastAPI(
         title="ChatLLM-WebUI",
@@ -39,6 +42,10 @@ def build_app(
     app.state.started_at = int(time.time())
     app.state.sessions = SessionSigner(settings.token, settings.session_hours * 3600) if settings.token else None
     app.state.auth_failures = FailureLimiter(settings.max_auth_failures)
+    # the chat service's observer when it is one: then per-request engine histograms are filled too
+    metrics = metrics or (chat.observer if isinstance(chat.observer, Metrics) else Metrics(chat.model_name))
+    metrics.attach(chat, knowledge)
+    app.state.metrics = metrics
     install_error_handlers(app)
     if settings.origins():
         from starlette.middleware.cors import CORSMiddleware
@@ -55,9 +62,12 @@ def build_app(
         sessions=app.state.sessions,
         failures=app.state.auth_failures,
         body_timeout=settings.body_timeout,
+        public_paths=PUBLIC_PATHS | ({"/metrics"} if settings.metrics_public else set()),
     ))
+    app.add_middleware(HttpMetrics, metrics=metrics)  # outermost: refusals by the guard are counted too
     app.include_router(login.router)
     app.include_router(health.router)
+    app.include_router(metrics_api.router)
     app.include_router(knowledge_api.router)
     app.include_router(history_api.router)
     app.include_router(openai_api.router)

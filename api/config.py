@@ -67,6 +67,11 @@ class ServerConfig:
                           "unless --knowledge-dir says otherwise, the knowledge bases"},
     )
     api_only: bool = field(default=False, metadata={"help": "serve only the APIs, not the WebUI page"})
+    metrics_public: bool = field(
+        default=False,
+        metadata={"help": "serve /metrics without the token (for a Prometheus inside a trusted network); "
+                          "/health/live and /health/ready are always open"},
+    )
     ui_concurrency: int = field(
         default=16,
         metadata={"help": "WebUI events (answers, uploads) served at once; the engine interleaves the answers"},

@@ -36,7 +36,7 @@ Send = Callable[[dict], Awaitable[None]]
 # the API's description is no secret; everything it describes is guarded
 PUBLIC_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/login", "/logout", "/openapi.json", "/docs",
                           "/redoc"})
-API_PREFIXES = ("/v1/", "/api/", "/health", "/openapi.json", "/docs")
+API_PREFIXES = ("/v1/", "/api/", "/health", "/openapi.json", "/docs", "/metrics", "/tokenize")
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 REQUEST_ID = "chatllm.request_id"
 AUTHENTICATED = "chatllm.authenticated"
@@ -53,6 +53,7 @@ class GuardPolicy:
     sessions: Optional[SessionSigner]
     failures: FailureLimiter
     body_timeout: float = 60.0
+    public_paths: frozenset[str] = PUBLIC_PATHS
 
 
 class _BodyTooLarge(Exception):
@@ -219,9 +220,10 @@ class RequestGuard:
         if method in UNSAFE_METHODS and (error := self._origin_error(scope)) is not None:
             return error
         if method != "OPTIONS":
-            auth_error = self._auth(scope, count_failures=path not in PUBLIC_PATHS)
+            public = path in self.policy.public_paths
+            auth_error = self._auth(scope, count_failures=not public)
             scope[AUTHENTICATED] = auth_error is None
-            if auth_error is not None and path not in PUBLIC_PATHS:
+            if auth_error is not None and not public:
                 wants_page = method == "GET" and "text/html" in (_header(scope, b"accept") or "")
                 return "login" if wants_page and not path.startswith(API_PREFIXES) else auth_error
         declared = _header(scope, b"content-length")

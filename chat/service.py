@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, AsyncIterator, Optional, Sequence
 
 from chat.limits import Cancelled, ChatLimits, Preprocessor, RequestLimitError
-from engine import ChatMessage, Engine, PromptTooLongError, SamplingParams, Usage
+from chat.observer import ChatObserver, RequestTimings
+from engine import ChatMessage, Engine, EngineError, PromptTooLongError, SamplingParams, Usage
 from engine.generation_defaults import GenerationDefaults
 from engine.text import utf8_safe
 
@@ -130,10 +131,12 @@ class ChatEvent:
 
 class ChatService:
     def __init__(self, engine: Engine, knowledge: Optional["KnowledgeService"] = None,
-                 limits: Optional[ChatLimits] = None, history: Optional["HistoryService"] = None) -> None:
+                 limits: Optional[ChatLimits] = None, history: Optional["HistoryService"] = None,
+                 observer: Optional[ChatObserver] = None) -> None:
         self.engine = engine
         self.knowledge = knowledge
         self.history = history
+        self.observer = observer or ChatObserver()
         self.limits = limits or ChatLimits()
         self._preprocess = Preprocessor(self.limits.preprocess_threads)
 
@@ -164,7 +167,10 @@ class ChatService:
         user_message, sources = None, None
         if request.knowledge is not None:
             with trace.span("retrieval", kb=request.knowledge.kb, top_k=request.knowledge.top_k) as span:
+                began = time.perf_counter()
                 retrieval = await self._retrieve(request)
+                self.observer.retrieval_finished(time.perf_counter() - began, len(retrieval.hits),
+                                                 retrieval.prompt is not None)
                 sources = [h.as_source() for h in retrieval.hits]
                 span.attributes["hits"] = [{k: s.get(k) for k in ("file", "page", "score", "relevant")} for s in sources]
                 span.attributes["matched"] = retrieval.prompt is not None
@@ -262,14 +268,28 @@ class ChatService:
         """The whole answer at once."""
         return await last_event(self.stream(request, request_id))
 
-    @staticmethod
-    async def _events(chunks, sources) -> AsyncIterator[ChatEvent]:
+    async def _events(self, chunks, sources) -> AsyncIterator[ChatEvent]:
         text = ""
-        async with contextlib.aclosing(chunks):
-            async for chunk in chunks:
-                text += chunk.delta
-                yield ChatEvent(text=text, delta=chunk.delta, finish_reason=chunk.finish_reason,
-                                usage=chunk.usage, sources=sources)
+        timings = RequestTimings(started=time.perf_counter())
+        try:
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    if chunk.delta:
+                        now = time.perf_counter()
+                        timings.first_token = timings.first_token or now
+                        timings.token_times.append(now)
+                    if chunk.finish_reason is not None:
+                        timings.finish_reason, timings.queue_s = chunk.finish_reason, chunk.queue_s
+                        timings.prompt_tokens = chunk.usage.prompt_tokens
+                        timings.generation_tokens = chunk.usage.completion_tokens
+                    text += chunk.delta
+                    yield ChatEvent(text=text, delta=chunk.delta, finish_reason=chunk.finish_reason,
+                                    usage=chunk.usage, sources=sources)
+        except EngineError:
+            timings.finish_reason = "error"
+            raise
+        finally:
+            self.observer.generation_finished(timings, time.perf_counter())
 
     async def _retrieve(self, request: ChatRequest):
         if self.knowledge is None:

@@ -46,6 +46,7 @@ class PrefixCache:
         self._tokens = 0
         self.hit_tokens = 0
         self.lookups = 0
+        self.query_tokens = 0
 
     @property
     def enabled(self) -> bool:
@@ -53,13 +54,16 @@ class PrefixCache:
 
     def stats(self) -> dict:
         return {"entries": len(self._entries), "tokens": self._tokens, "max_tokens": self.max_tokens,
-                "lookups": self.lookups, "hit_tokens": self.hit_tokens}
+                "lookups": self.lookups, "query_tokens": self.query_tokens, "hit_tokens": self.hit_tokens}
 
     def lookup(self, prompt_ids: Sequence[int]) -> PrefixMatch:
         """The longest cached start of `prompt_ids`, leaving at least its last token to compute."""
-        if not self.enabled or not self._entries:
+        if not self.enabled:
             return NO_MATCH
         self.lookups += 1
+        self.query_tokens += len(prompt_ids)  # every query counts, as in vLLM: an empty cache is all misses
+        if not self._entries:
+            return NO_MATCH
         prompt = torch.tensor(prompt_ids)
         best_key, best = None, 0
         for key, (ids, _) in self._entries.items():

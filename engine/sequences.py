@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -56,6 +57,8 @@ class SequenceState:
     output_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
     prefix: Optional[PrefixMatch] = None  # cached KV of the prompt's start, looked up when it is scheduled
+    submitted_at: float = field(default_factory=time.monotonic)
+    queue_s: Optional[float] = None  # submitted until its prompt began to be read
 
     @property
     def generated(self) -> int:

@@ -19,6 +19,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 from typing import AsyncIterator, Optional, Sequence, Union
 
 import torch
@@ -104,6 +105,7 @@ class TransformersEngine(Engine):
             "prefilling": None if self._chunking is None else {
                 "done": self._chunking.done, "prompt_tokens": len(self._chunking.seq.prompt_ids)},
             "max_num_seqs": self.limits.max_num_seqs,
+            "kv_cache_usage": round(self._kv_tokens() / max(1, self.limits.kv_cache_tokens), 4),
             "generation_defaults": {"source": self.generation_defaults.source, **self.generation_defaults.values()},
             **self._stats,
             "prefix_cache": self._prefixes.stats(),
@@ -178,6 +180,12 @@ class TransformersEngine(Engine):
                     self._fail(batch.rows)
                     batch.keep([])
             self._batches = [b for b in self._batches if b]
+
+    def _kv_tokens(self) -> int:
+        """KV slots held: every row of a batch is as wide as its widest (left padding), plus a prompt being read."""
+        held = sum(len(b) * b.width for b in list(self._batches))
+        chunking = self._chunking
+        return held + (chunking.done if chunking is not None else 0)
 
     @property
     def _running(self) -> int:
@@ -284,6 +292,7 @@ class TransformersEngine(Engine):
         return joining
 
     def _start_chunked(self, seq: SequenceState) -> None:
+        _scheduled([seq])
         match = seq.prefix
         cache = cache_of(match.kv) if match.kv is not None else GrowingCache()
         self._chunking = ChunkedPrompt(seq, cache, match.tokens)
@@ -317,6 +326,7 @@ class TransformersEngine(Engine):
 
     @torch.inference_mode()
     def _prefill(self, joining: list[SequenceState]) -> None:
+        _scheduled(joining)
         prefixes = [s.prefix if s.prefix is not None else self._prefixes.lookup(s.prompt_ids) for s in joining]
         inputs = prefill_inputs([s.prompt_ids for s in joining], self._pad_id, self._device, prefixes)
         cache = inputs.pop("past_key_values", None)
@@ -426,8 +436,17 @@ class TransformersEngine(Engine):
         return False
 
     def _emit(self, seq: SequenceState, item) -> None:
+        if isinstance(item, GenerationChunk) and item.finish_reason is not None:
+            item.queue_s = seq.queue_s
         try:
             seq.loop.call_soon_threadsafe(seq.outbox.put_nowait, item)
         except RuntimeError:
             # the caller's event loop is gone: nobody is listening any more
             seq.cancelled = True
+
+
+def _scheduled(seqs: Sequence[SequenceState]) -> None:
+    now = time.monotonic()
+    for seq in seqs:
+        if seq.queue_s is None:
+            seq.queue_s = now - seq.submitted_at

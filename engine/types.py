@@ -72,6 +72,7 @@ class GenerationChunk:
     delta: str
     finish_reason: Optional[FinishReason] = None
     usage: Usage = field(default_factory=Usage)
+    queue_s: Optional[float] = None  # on the last chunk, where the backend knows: time waiting for a batch slot
 
 
 class EngineError(Exception):

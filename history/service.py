@@ -23,6 +23,7 @@ from history import migrate
 from history.config import HistoryConfig
 from history.repository import Exchange, HistoryRepository, SessionNotFound
 from history.tracing import OtlpExporter, Trace
+from metrics.counters import Tally
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,6 +74,7 @@ class HistoryService:
         self._pending: set[concurrent.futures.Future] = set()
         self._failed_at: Optional[float] = None
         self._last_error = ""
+        self.counters = Tally()  # writes, failures, seconds: read by /metrics
         self.exporter = OtlpExporter(config.otlp_endpoint, config.service_name, model_name) if config.otlp_endpoint else None
 
     def start(self) -> None:
@@ -106,6 +108,7 @@ class HistoryService:
             self._pending.discard(f)
             exc = f.exception()
             if exc is not None and not isinstance(exc, SessionNotFound):
+                self.counters.add("write_failures")
                 self._failed(exc)
         future.add_done_callback(done)
         return future
@@ -144,9 +147,12 @@ class HistoryService:
         self.submit(self._write, exchange, trace)
 
     def _write(self, exchange: Exchange, trace: Optional[Trace]) -> None:
+        began = time.monotonic()
         self.repo.add_exchange(exchange)
         if trace is not None:
             self.repo.add_trace(trace.as_dict(), exchange.session_id, exchange.user_id)
+        self.counters.add("writes")
+        self.counters.add("write_seconds", time.monotonic() - began)
         if self.exporter is not None:
             try:
                 self.exporter.export(trace, exchange.session_id, exchange.user_id)

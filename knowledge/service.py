@@ -30,6 +30,7 @@ from knowledge.store import (
     KnowledgeBaseError,
     UnknownKnowledgeBaseError,
 )
+from metrics.counters import Tally
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class KnowledgeService:
         self.root = Path(config.knowledge_dir or "data/knowledge").expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.jobs = JobRegistry()
+        self.counters = Tally()  # files, chunks, seconds, jobs: read by /metrics
         self._futures: dict[str, concurrent.futures.Future] = {}
         self._submit_lock = threading.Lock()
         self._bases: dict[str, KnowledgeBase] = {}
@@ -160,6 +162,21 @@ class KnowledgeService:
         return job
 
     def _run_job(self, job: Job, base: KnowledgeBase, uploads: list[Upload]) -> Job:
+        began = time.monotonic()
+        try:
+            return self._ingest_job(job, base, uploads)
+        finally:
+            self._count(job, time.monotonic() - began)
+
+    def _count(self, job: Job, seconds: float) -> None:
+        self.counters.add("seconds", seconds)
+        self.counters.add(f"jobs_{job.state}")
+        for result in job.files:
+            self.counters.add(f"files_{result.status}")
+            if result.status in ("added", "replaced"):
+                self.counters.add("chunks", result.chunks or 0)
+
+    def _ingest_job(self, job: Job, base: KnowledgeBase, uploads: list[Upload]) -> Job:
         deadline = time.monotonic() + self.config.ingest_timeout
         try:
             self._ingest_files(job, base, uploads, deadline)

@@ -99,7 +99,9 @@ def knowledge(embedder, tmp_path_factory) -> Iterator[KnowledgeService]:
 
 @pytest.fixture(scope="session")
 def chat_service(engine, knowledge) -> Iterator[ChatService]:
-    service = ChatService(engine, knowledge)
+    from metrics.registry import Metrics
+
+    service = ChatService(engine, knowledge, observer=Metrics(engine.model_name))
     yield service
     service.shutdown()
 

@@ -217,6 +217,10 @@ def test_unreachable_engine_fails_start_and_requests_clearly(knowledge):
             health = requests.get(live.url + "/health").json()
             assert health["ready"] is False and health["status"] == "unavailable"
             assert requests.get(live.url + "/health/live").status_code == 200
+            metrics = requests.get(live.url + "/metrics").text
+            assert f'chatllm_engine_up{{engine_url="{dead}"}} 0.0' in metrics
+            failed = [line for line in metrics.splitlines() if line.startswith("chatllm_engine_errors_total") and 'kind="failed"' in line]
+            assert failed and float(failed[0].split()[-1]) >= 2
     finally:
         chat.shutdown()
         remote.shutdown()

@@ -95,13 +95,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if history is not None:
         history.model_name = engine.model_name
-    chat = ChatService(engine, knowledge, chat_limits, history)
+    from metrics.registry import Metrics
+
+    metrics = Metrics(engine.model_name)
+    chat = ChatService(engine, knowledge, chat_limits, history, observer=metrics)
     ui = None
     if not server_config.api_only:
         from webui.ui import mount_ui
 
         ui = mount_ui(chat, knowledge, server_config.ui_concurrency, knowledge_config.max_upload_mb)
-    app = build_app(server_config, chat, knowledge=knowledge, ui=ui)
+    app = build_app(server_config, chat, knowledge=knowledge, ui=ui, metrics=metrics)
     if not server_config.token:
         log.warning("no --token set: the API is open to anyone who can reach %s:%d", server_config.host, server_config.port)
     print(f"ChatLLM-WebUI serving {engine.model_name} at http://{server_config.host}:{server_config.port}", flush=True)
