@@ -9,8 +9,10 @@ import torch
 from engine.types import SamplingParams
 
 
-def make_generator(seed: Optional[int]) -> torch.Generator:
-    generator = torch.Generator()
+def make_generator(seed: Optional[int], device: Union[str, torch.device] = "cpu") -> torch.Generator:
+    """A request's own random stream, on the device its logits live on (torch samples CUDA tensors only with
+    a CUDA generator)."""
+    generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
     else:

@@ -134,7 +134,7 @@ class TransformersEngine(Engine):
             loop=asyncio.get_running_loop(),
             outbox=asyncio.Queue(),
             detokenizer=IncrementalDetokenizer(self._tokenizer, (*params.stop, *self._prompts.stop_strings)),
-            generator=make_generator(params.seed),
+            generator=make_generator(params.seed, self._device),
         )
         with self._live_lock:
             if request_id in self._live:
