@@ -107,7 +107,8 @@ def save_version(folder: Path, write: Callable[[Path], None]) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    for old in versions:
+    # the version just replaced stays until the next save: another instance may be reading it right now
+    for old in versions[:-1]:
         shutil.rmtree(old, ignore_errors=True)
     for leftover in folder.glob(".staging-v*"):
         shutil.rmtree(leftover, ignore_errors=True)

@@ -15,11 +15,13 @@ from typing import Optional, Sequence
 
 from knowledge.config import KnowledgeConfig
 from knowledge.embeddings import Embedder
+from knowledge.folder_lock import LOCK_FILE, folder_lock
 from knowledge.jobs import FileResult, Job, JobRegistry
 from knowledge.loaders import LoaderError
 from knowledge.names import check_kb_name
 from knowledge.rag_prompt import RagPrompt
 from knowledge.sandbox import ParseCancelled, ParserSandbox, ParseTimedOut
+from knowledge.persistence import current_version
 from knowledge.splitting import SplitterSettings
 from knowledge.store import (
     EmptyKnowledgeBaseError,
@@ -33,6 +35,17 @@ from knowledge.store import (
 from metrics.counters import Tally
 
 log = logging.getLogger(__name__)
+
+
+def _remove_contents(folder: Path) -> None:
+    """Everything but the lock file, which the lock holder still has open."""
+    for item in folder.iterdir():
+        if item.name == LOCK_FILE:
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            item.unlink(missing_ok=True)
 
 
 class IngestQueueFullError(Exception):
@@ -94,21 +107,55 @@ class KnowledgeService:
     # ---- bases -----------------------------------------------------------------------
 
     def names(self) -> list[str]:
+        self._rescan()
         with self._bases_lock:
             return sorted(self._bases)
 
     def summaries(self) -> list[dict]:
+        self._rescan()
         with self._bases_lock:
             bases = list(self._bases.values())
+        for base in bases:
+            base.refresh()
         return [b.summary() for b in sorted(bases, key=lambda b: b.name)]
 
     def get(self, name: str) -> KnowledgeBase:
         name = check_kb_name(name)
-        with self._bases_lock:
-            base = self._bases.get(name)
+        base = self._discover(name)
         if base is None:
             raise UnknownKnowledgeBaseError(f"knowledge base {name!r} does not exist; upload files to create it")
+        base.refresh()  # what another instance saved is what this one lists and searches
         return base
+
+    # ---- other instances on the same folder ------------------------------------------
+
+    def _discover(self, name: str) -> Optional[KnowledgeBase]:
+        """The base by name, as the shared folder has it now: made or deleted by another instance too."""
+        folder = self.root / name
+        with self._bases_lock:
+            base = self._bases.get(name)
+            if base is not None and base.version is not None and not folder.is_dir():
+                log.info("knowledge base %r was deleted by another instance", name)
+                base.mark_deleted()
+                del self._bases[name]
+                return None
+            if base is None and current_version(folder) is not None:
+                base = self._bases[name] = self._open(name, folder)
+        return base
+
+    def _rescan(self) -> None:
+        on_disk = {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        with self._bases_lock:
+            known = set(self._bases)
+        for name in on_disk ^ known:
+            try:
+                self._discover(check_kb_name(name))
+            except Exception as exc:
+                log.debug("skipping %s: %s", name, exc)
+
+    def _open(self, name: str, folder: Path) -> KnowledgeBase:
+        log.info("knowledge base %r found in %s", name, folder)
+        return KnowledgeBase(name, folder, self.embedder, self.settings)
 
     def _get_or_create(self, name: str) -> KnowledgeBase:
         name = check_kb_name(name)
@@ -127,6 +174,8 @@ class KnowledgeService:
             base.mark_deleted()
             if self._bases.get(base.name) is base:
                 del self._bases[base.name]
+            with folder_lock(base.folder):  # not while another instance saves into it
+                _remove_contents(base.folder)
             shutil.rmtree(base.folder, ignore_errors=True)
 
     def total_chunks(self) -> int:

@@ -20,6 +20,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from knowledge.embeddings import Embedder
+from knowledge.folder_lock import folder_lock
 from knowledge.lexical import BM25Index, fuse
 from knowledge.persistence import (
     StoredVersion,
@@ -117,6 +118,7 @@ class KnowledgeBase:
         self.manifest = self._empty_manifest()
         self._vectors = _new_faiss(embedder)
         self.problem: Optional[str] = None  # why the stored files cannot be loaded
+        self.version: Optional[str] = None  # the version folder in memory; another instance may save a newer one
         try:
             self._load()
         except StoreFormatError as exc:
@@ -139,6 +141,7 @@ class KnowledgeBase:
         """State from the version on disk (or empty); also how a failed change is rolled back."""
         self._lexical = None
         version = current_version(self.folder)
+        self.version = version.name if version is not None else None
         if version is None:
             self.manifest, self._vectors = self._empty_manifest(), _new_faiss(self._embedder)
             return
@@ -146,6 +149,23 @@ class KnowledgeBase:
         self.manifest = stored.manifest
         # a base built with another model keeps its chunks on disk until /rebuild
         self._vectors = _new_faiss(self._embedder, stored if self.mismatch() is None else None)
+
+    def refresh(self) -> None:
+        """Load the newest saved version if another instance (or process) saved one since ours."""
+        on_disk = current_version(self.folder)
+        if (on_disk.name if on_disk is not None else None) == self.version:
+            return
+        with self._lock:
+            on_disk = current_version(self.folder)
+            if (on_disk.name if on_disk is not None else None) == self.version or self.deleted:
+                return
+            log.info("knowledge base %r: loading version %s saved elsewhere", self.name,
+                     on_disk.name if on_disk is not None else "(none)")
+            try:
+                self._load()
+                self.problem = None
+            except StoreFormatError as exc:
+                self.problem = str(exc)
 
     def mismatch(self) -> Optional[str]:
         """Why this base cannot be used with the running embedding model, or None."""
@@ -259,9 +279,13 @@ class KnowledgeBase:
         """Hold the base for a change; if it fails, memory goes back to what is on disk."""
         if require_usable:
             self._require_usable()
-        with self._lock:
+        # the thread lock for this process, the folder lock for other instances on the same folder
+        with self._lock, folder_lock(self.folder):
             if self.deleted:
                 raise KnowledgeBaseDeletedError(f"knowledge base {self.name!r} was deleted")
+            self.refresh()  # change the newest version, not a stale copy: no instance's upload is lost
+            if require_usable:
+                self._require_usable()
             try:
                 yield
             except BaseException:
@@ -297,12 +321,15 @@ class KnowledgeBase:
         for position in range(self._vectors.index.ntotal):
             doc = docstore.search(positions[position])
             chunks.append({"id": positions[position], "text": doc.page_content, "metadata": doc.metadata})
-        save_version(self.folder, lambda folder: write_version_files(folder, self.manifest, self._vectors.index, chunks))
+        saved = save_version(self.folder, lambda folder: write_version_files(folder, self.manifest, self._vectors.index,
+                                                                             chunks))
+        self.version = saved.name
 
     # ---- search ----------------------------------------------------------------------
 
     def search(self, query: str, query_vector: np.ndarray, top_k: int) -> list[Hit]:
         """Hybrid retrieval: dense FAISS and BM25 candidates fused by reciprocal rank."""
+        self.refresh()
         self._require_usable()
         with self._lock:
             index = self._vectors.index

@@ -146,7 +146,10 @@ def test_a_crash_while_saving_keeps_the_previous_version(tmp_path):
     assert current_version(tmp_path) == first
     assert (first / "manifest.json").read_text() == '{"v": 1}'
     second = save_version(tmp_path, lambda d: (d / "manifest.json").write_text('{"v": 3}'))
-    assert current_version(tmp_path) == second and not first.exists()
+    # the replaced version stays one save longer, for another instance that may be reading it
+    assert current_version(tmp_path) == second and first.exists()
+    third = save_version(tmp_path, lambda d: (d / "manifest.json").write_text('{"v": 4}'))
+    assert current_version(tmp_path) == third and second.exists() and not first.exists()
 
 
 def test_bm25_ranks_exact_terms_and_measures_query_coverage():
