@@ -6,6 +6,8 @@ the model, load and knowledge-base names are for those holding the token.
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -29,7 +31,7 @@ async def health(request: Request) -> dict:
         "model": state.chat.model_name,
         "engine": state.chat.engine.health(),
         "auth": bool(state.settings.token),
-        "knowledge": _knowledge(state.knowledge),
+        "knowledge": await asyncio.to_thread(_knowledge, state.knowledge),
         "history": state.chat.history.health() if state.chat.history is not None else {"enabled": False},
     }
 

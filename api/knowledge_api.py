@@ -31,7 +31,8 @@ def _service(request: Request) -> KnowledgeService:
 
 @router.get("", summary="List knowledge bases")
 async def list_bases(request: Request) -> dict:
-    return {"knowledge_bases": _service(request).summaries()}
+    # the shared catalog (a folder or Milvus) is read: off the event loop
+    return {"knowledge_bases": await asyncio.to_thread(_service(request).summaries)}
 
 
 def _no_job(job_id: str) -> APIError:
@@ -104,13 +105,13 @@ async def upload_files(kb: str, request: Request, wait: bool = Query(False, desc
 
 @router.get("/{kb}/files", summary="Files in a knowledge base, with chunk counts")
 async def list_files(kb: str, request: Request) -> dict:
-    base = _service(request).get(kb)
+    base = await asyncio.to_thread(_service(request).get, kb)
     return {"kb": base.name, "files": base.files(), "chunks": base.chunk_count}
 
 
 @router.delete("/{kb}/files/{name}", summary="Remove a file and its vectors")
 async def delete_file(kb: str, name: str, request: Request) -> dict:
-    base = _service(request).get(kb)
+    base = await asyncio.to_thread(_service(request).get, kb)
     try:
         removed = await asyncio.to_thread(base.delete_file, name)
     except KeyError:
@@ -133,6 +134,6 @@ async def search(kb: str, body: SearchRequest, request: Request) -> dict:
 
 @router.post("/{kb}/rebuild", summary="Re-embed a base with the running embedding model")
 async def rebuild(kb: str, request: Request) -> dict:
-    base = _service(request).get(kb)
+    base = await asyncio.to_thread(_service(request).get, kb)
     chunks = await asyncio.to_thread(base.rebuild)
     return base.summary() | {"rebuilt_chunks": chunks}

@@ -20,6 +20,25 @@ class KnowledgeConfig:
         metadata={"help": "folder holding the knowledge bases (one sub-folder each); default: knowledge/ in --data-dir "
                           "(or ./knowledge_data where an earlier version left its bases)"},
     )
+    vector_store: str = field(
+        default="faiss",
+        metadata={"help": "where chunks and vectors live: faiss = versioned folders under --knowledge-dir (instances "
+                          "on one machine or a shared file system can share them); milvus = Milvus at --milvus-uri",
+                  "choices": ["faiss", "milvus"]},
+    )
+    milvus_uri: Optional[str] = field(
+        default=None,
+        metadata={"help": "--vector-store milvus: a *.db file runs Milvus Lite in this process (one process per file); "
+                          "http://host:19530 a Milvus server or cluster, shared by every instance; default: "
+                          "milvus.db in --knowledge-dir"},
+    )
+    milvus_token: Optional[str] = field(
+        default=None, metadata={"help": "Milvus credentials (user:password or an API key)"},
+    )
+    milvus_collection_prefix: str = field(
+        default="chatllm",
+        metadata={"help": "prefix of this service's Milvus collections (<prefix>_catalog, <prefix>_kb_<hash>)"},
+    )
     embedding_model: Optional[str] = field(
         default=None,
         metadata={

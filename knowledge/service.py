@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -15,13 +14,12 @@ from typing import Optional, Sequence
 
 from knowledge.config import KnowledgeConfig
 from knowledge.embeddings import Embedder
-from knowledge.folder_lock import LOCK_FILE, folder_lock
+from knowledge.catalog import FolderCatalog
 from knowledge.jobs import FileResult, Job, JobRegistry
 from knowledge.loaders import LoaderError
 from knowledge.names import check_kb_name
 from knowledge.rag_prompt import RagPrompt
 from knowledge.sandbox import ParseCancelled, ParserSandbox, ParseTimedOut
-from knowledge.persistence import current_version
 from knowledge.splitting import SplitterSettings
 from knowledge.store import (
     EmptyKnowledgeBaseError,
@@ -37,15 +35,17 @@ from metrics.counters import Tally
 log = logging.getLogger(__name__)
 
 
-def _remove_contents(folder: Path) -> None:
-    """Everything but the lock file, which the lock holder still has open."""
-    for item in folder.iterdir():
-        if item.name == LOCK_FILE:
-            continue
-        if item.is_dir() and not item.is_symlink():
-            shutil.rmtree(item, ignore_errors=True)
-        else:
-            item.unlink(missing_ok=True)
+def build_catalog(config: KnowledgeConfig, embedder: Embedder, settings: SplitterSettings):
+    """The configured store: a folder of FAISS versions, or Milvus (Lite in a file, or a server)."""
+    if config.vector_store == "milvus":
+        from knowledge.milvus_store import MilvusCatalog
+
+        uri = config.milvus_uri or str(Path(config.knowledge_dir or "data/knowledge").expanduser() / "milvus.db")
+        if "://" not in uri:
+            Path(uri).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+            uri = str(Path(uri).expanduser().resolve())
+        return MilvusCatalog(uri, config.milvus_token, config.milvus_collection_prefix, embedder, settings)
+    return FolderCatalog(Path(config.knowledge_dir or "data/knowledge").expanduser().resolve(), embedder, settings)
 
 
 class IngestQueueFullError(Exception):
@@ -83,8 +83,7 @@ class KnowledgeService:
         self.embedder = embedder
         self.settings = SplitterSettings(config.chunk_size, config.chunk_overlap)
         self.rag_prompt = RagPrompt(config.rag_prompt_file)
-        self.root = Path(config.knowledge_dir or "data/knowledge").expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.catalog = build_catalog(config, embedder, self.settings)
         self.jobs = JobRegistry()
         self.counters = Tally()  # files, chunks, seconds, jobs: read by /metrics
         self._futures: dict[str, concurrent.futures.Future] = {}
@@ -96,13 +95,12 @@ class KnowledgeService:
         # untrusted files are parsed in a child process with memory and time limits
         self._sandbox = ParserSandbox(config.parse_limits(), self.settings, config.max_chunks_per_file,
                                       config.parser_memory_mb)
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for name in sorted(self.catalog.names()):
             try:
-                name = check_kb_name(folder.name)
-                self._bases[name] = KnowledgeBase(name, folder, embedder, self.settings)
-            except Exception as exc:  # a broken folder must not stop the server
-                log.error("skipping knowledge base folder %s: %s", folder, exc)
-        log.info("knowledge bases loaded from %s: %s", self.root, ", ".join(self._bases) or "none")
+                self._bases[check_kb_name(name)] = self.catalog.open(name)
+            except Exception as exc:  # a broken base must not stop the server
+                log.error("skipping knowledge base %s: %s", name, exc)
+        log.info("knowledge bases loaded from %s: %s", self.catalog.describe(), ", ".join(self._bases) or "none")
 
     # ---- bases -----------------------------------------------------------------------
 
@@ -131,20 +129,20 @@ class KnowledgeService:
 
     def _discover(self, name: str) -> Optional[KnowledgeBase]:
         """The base by name, as the shared folder has it now: made or deleted by another instance too."""
-        folder = self.root / name
         with self._bases_lock:
             base = self._bases.get(name)
-            if base is not None and base.version is not None and not folder.is_dir():
+            if base is not None and base.version is not None and not self.catalog.saved(name):
                 log.info("knowledge base %r was deleted by another instance", name)
                 base.mark_deleted()
                 del self._bases[name]
                 return None
-            if base is None and current_version(folder) is not None:
-                base = self._bases[name] = self._open(name, folder)
+            if base is None and self.catalog.saved(name):
+                log.info("knowledge base %r found in %s", name, self.catalog.describe())
+                base = self._bases[name] = self.catalog.open(name)
         return base
 
     def _rescan(self) -> None:
-        on_disk = {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        on_disk = self.catalog.names()
         with self._bases_lock:
             known = set(self._bases)
         for name in on_disk ^ known:
@@ -153,15 +151,11 @@ class KnowledgeService:
             except Exception as exc:
                 log.debug("skipping %s: %s", name, exc)
 
-    def _open(self, name: str, folder: Path) -> KnowledgeBase:
-        log.info("knowledge base %r found in %s", name, folder)
-        return KnowledgeBase(name, folder, self.embedder, self.settings)
-
     def _get_or_create(self, name: str) -> KnowledgeBase:
         name = check_kb_name(name)
         with self._bases_lock:
             if name not in self._bases:
-                self._bases[name] = KnowledgeBase(name, self.root / name, self.embedder, self.settings)
+                self._bases[name] = self.catalog.open(name)
             return self._bases[name]
 
     def delete_base(self, name: str) -> None:
@@ -174,9 +168,7 @@ class KnowledgeService:
             base.mark_deleted()
             if self._bases.get(base.name) is base:
                 del self._bases[base.name]
-            with folder_lock(base.folder):  # not while another instance saves into it
-                _remove_contents(base.folder)
-            shutil.rmtree(base.folder, ignore_errors=True)
+            self.catalog.remove(base)
 
     def total_chunks(self) -> int:
         with self._bases_lock:
@@ -317,7 +309,7 @@ class KnowledgeService:
     # ---- retrieval -------------------------------------------------------------------
 
     async def search(self, kb: str, query: str, top_k: int) -> list[Hit]:
-        base = self.get(kb)
+        base = await asyncio.to_thread(self.get, kb)
         return await asyncio.to_thread(self._search, base, query, top_k)
 
     def _search(self, base: KnowledgeBase, query: str, top_k: int) -> list[Hit]:
@@ -331,7 +323,7 @@ class KnowledgeService:
         return hit.score >= threshold or hit.keyword_score >= self.config.keyword_threshold
 
     async def retrieve(self, kb: str, question: str, top_k: int) -> Retrieval:
-        base = self.get(kb)
+        base = await asyncio.to_thread(self.get, kb)
         if base.chunk_count == 0:
             raise EmptyKnowledgeBaseError(f"knowledge base {base.name!r} has no documents yet; upload some first")
         hits = [h for h in await self.search(kb, question, top_k) if self.is_relevant(h)]
@@ -344,3 +336,4 @@ class KnowledgeService:
             job.cancel()
         self._ingest.shutdown(wait=True, cancel_futures=True)
         self._sandbox.close()
+        self.catalog.close()

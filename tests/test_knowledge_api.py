@@ -13,6 +13,24 @@ from tests.conftest import RAG_DEV, serve
 DOCS = RAG_DEV / "docs"
 
 
+@pytest.fixture(scope="module", params=["faiss", "milvus"])
+def kb_server(request, tmp_path_factory):
+    """The same API suite on both stores: the session's FAISS server, and one whose bases live in Milvus Lite."""
+    if request.param == "faiss":
+        yield request.getfixturevalue("server")
+        return
+    from chat import ChatService
+
+    service = KnowledgeService(KnowledgeConfig(vector_store="milvus", milvus_uri=str(
+        tmp_path_factory.mktemp("milvus") / "milvus.db")), request.getfixturevalue("embedder"))
+    chat = ChatService(request.getfixturevalue("engine"), service)
+    try:
+        yield from serve(chat, None, knowledge=service)
+    finally:
+        chat.shutdown()
+        service.shutdown()
+
+
 def _kb() -> str:
     return f"kb-{uuid.uuid4().hex[:8]}"
 
@@ -28,9 +46,9 @@ def _search(server, kb, query, top_k=3):
     return r.json()["hits"]
 
 
-def test_upload_job_reports_progress_until_done(server):
+def test_upload_job_reports_progress_until_done(kb_server):
     kb = _kb()
-    response = _upload(server, kb, [(p.name, p.read_bytes()) for p in [DOCS / "easycv_README.md", DOCS / "deepspeed_advanced_install.pdf"]], wait=False)
+    response = _upload(kb_server, kb, [(p.name, p.read_bytes()) for p in [DOCS / "easycv_README.md", DOCS / "deepspeed_advanced_install.pdf"]], wait=False)
     assert response.status_code == 202
     job = response.json()
     assert response.headers["Location"] == f"/api/knowledge/jobs/{job['id']}"
@@ -39,56 +57,56 @@ def test_upload_job_reports_progress_until_done(server):
     while job["state"] not in ("done", "failed"):
         assert time.monotonic() < deadline
         time.sleep(0.1)
-        job = requests.get(f"{server.url}/api/knowledge/jobs/{job['id']}", timeout=10).json()
+        job = requests.get(f"{kb_server.url}/api/knowledge/jobs/{job['id']}", timeout=10).json()
         seen_states.add(job["state"])
     assert job["state"] == "done" and job["chunks_done"] == job["chunks_total"] > 10
     assert {f["name"]: f["status"] for f in job["files"]} == {"easycv_README.md": "added", "deepspeed_advanced_install.pdf": "added"}
     assert seen_states & {"queued", "parsing", "embedding", "saving"}
 
-    listing = requests.get(f"{server.url}/api/knowledge/{kb}/files", timeout=10).json()
+    listing = requests.get(f"{kb_server.url}/api/knowledge/{kb}/files", timeout=10).json()
     assert {f["name"]: f["chunks"] for f in listing["files"]} == {f["name"]: f["chunks"] for f in job["files"]}
     assert listing["files"][0]["sha256"] and listing["chunks"] == job["chunks_total"]
-    bases = {b["name"]: b for b in requests.get(f"{server.url}/api/knowledge", timeout=10).json()["knowledge_bases"]}
+    bases = {b["name"]: b for b in requests.get(f"{kb_server.url}/api/knowledge", timeout=10).json()["knowledge_bases"]}
     assert bases[kb]["files"] == 2 and bases[kb]["embedding"] == {"model": "intfloat/multilingual-e5-small", "dimension": 384}
 
 
-def test_search_returns_text_file_page_and_score(server):
+def test_search_returns_text_file_page_and_score(kb_server):
     kb = _kb()
-    _upload(server, kb, [("install.pdf", (DOCS / "deepspeed_advanced_install.pdf").read_bytes()), ("easycv.md", (DOCS / "easycv_README.md").read_bytes())])
-    hits = _search(server, kb, "How do I pre-build all DeepSpeed ops at install time?")
+    _upload(kb_server, kb, [("install.pdf", (DOCS / "deepspeed_advanced_install.pdf").read_bytes()), ("easycv.md", (DOCS / "easycv_README.md").read_bytes())])
+    hits = _search(kb_server, kb, "How do I pre-build all DeepSpeed ops at install time?")
     assert hits[0]["file"] == "install.pdf" and isinstance(hits[0]["page"], int)
     assert any("DS_BUILD_OPS=1" in h["text"] for h in hits)
     assert hits[0]["score"] > 0.35 and hits[0]["relevant"] is True
-    unrelated = _search(server, kb, "What is a good recipe for sourdough bread?")
+    unrelated = _search(kb_server, kb, "What is a good recipe for sourdough bread?")
     assert not any(h["relevant"] for h in unrelated)
 
 
-def test_unchanged_reupload_is_a_noop_and_changed_file_replaces_chunks(server):
+def test_unchanged_reupload_is_a_noop_and_changed_file_replaces_chunks(kb_server):
     kb = _kb()
-    first = _upload(server, kb, [("notes.md", b"# Notes\nThe launch code is ALPHA-7731.\n")]).json()
-    again = _upload(server, kb, [("notes.md", b"# Notes\nThe launch code is ALPHA-7731.\n")]).json()
+    first = _upload(kb_server, kb, [("notes.md", b"# Notes\nThe launch code is ALPHA-7731.\n")]).json()
+    again = _upload(kb_server, kb, [("notes.md", b"# Notes\nThe launch code is ALPHA-7731.\n")]).json()
     assert first["files"][0]["status"] == "added" and again["files"][0]["status"] == "unchanged"
     assert again["chunks_total"] == 0  # nothing was embedded again
-    changed = _upload(server, kb, [("notes.md", b"# Notes\nThe launch code is BRAVO-9902.\n")]).json()
+    changed = _upload(kb_server, kb, [("notes.md", b"# Notes\nThe launch code is BRAVO-9902.\n")]).json()
     assert changed["files"][0]["status"] == "replaced"
-    texts = " ".join(h["text"] for h in _search(server, kb, "launch code", top_k=10))
+    texts = " ".join(h["text"] for h in _search(kb_server, kb, "launch code", top_k=10))
     assert "BRAVO-9902" in texts and "ALPHA-7731" not in texts
-    assert requests.get(f"{server.url}/api/knowledge/{kb}/files", timeout=10).json()["chunks"] == 1
+    assert requests.get(f"{kb_server.url}/api/knowledge/{kb}/files", timeout=10).json()["chunks"] == 1
 
 
-def test_delete_file_removes_its_vectors(server):
+def test_delete_file_removes_its_vectors(kb_server):
     kb = _kb()
-    _upload(server, kb, [("a.md", b"# A\nZebras live in Africa."), ("b.md", b"# B\nPenguins live in Antarctica.")])
-    r = requests.delete(f"{server.url}/api/knowledge/{kb}/files/a.md", timeout=30)
+    _upload(kb_server, kb, [("a.md", b"# A\nZebras live in Africa."), ("b.md", b"# B\nPenguins live in Antarctica.")])
+    r = requests.delete(f"{kb_server.url}/api/knowledge/{kb}/files/a.md", timeout=30)
     assert r.status_code == 200 and r.json()["chunks_removed"] == 1
-    hits = _search(server, kb, "Where do zebras live?", top_k=5)
+    hits = _search(kb_server, kb, "Where do zebras live?", top_k=5)
     assert [h["file"] for h in hits] == ["b.md"]
-    assert requests.delete(f"{server.url}/api/knowledge/{kb}/files/a.md", timeout=30).status_code == 404
+    assert requests.delete(f"{kb_server.url}/api/knowledge/{kb}/files/a.md", timeout=30).status_code == 404
 
 
-def test_bad_files_fail_alone(server):
+def test_bad_files_fail_alone(kb_server):
     kb = _kb()
-    job = _upload(server, kb, [
+    job = _upload(kb_server, kb, [
         ("good.md", b"# Good\nThis file is fine."),
         ("broken.pdf", b"%PDF-1.4 nonsense"),
         ("fake.docx", b"not a zip"),
@@ -102,16 +120,16 @@ def test_bad_files_fail_alone(server):
     assert "not a zip" in status["fake.docx"][1]
     assert "empty" in status["empty.txt"][1]
     assert "unsupported" in status["sheet.xlsx"][1]
-    assert [f["name"] for f in requests.get(f"{server.url}/api/knowledge/{kb}/files", timeout=10).json()["files"]] == ["good.md"]
+    assert [f["name"] for f in requests.get(f"{kb_server.url}/api/knowledge/{kb}/files", timeout=10).json()["files"]] == ["good.md"]
 
 
 def test_path_traversal_names_stay_inside_the_base(server, knowledge):
     kb = _kb()
-    before = {p for p in knowledge.root.parent.rglob("*")}
+    before = {p for p in knowledge.catalog.root.parent.rglob("*")}
     job = _upload(server, kb, [("../../escape.md", b"# Escape\nnot outside"), ("..\\..\\win.md", b"# Win\nstill inside")]).json()
     assert sorted(f["name"] for f in job["files"]) == ["escape.md", "win.md"]
-    after = {p for p in knowledge.root.parent.rglob("*")}
-    assert all(knowledge.root in p.parents for p in after - before)
+    after = {p for p in knowledge.catalog.root.parent.rglob("*")}
+    assert all(knowledge.catalog.root in p.parents for p in after - before)
     assert not any(p.name in ("escape.md", "win.md") for p in after)  # uploads are never written as files
 
 

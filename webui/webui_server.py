@@ -58,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine request would drown the log
     changed = {**non_defaults(server_config), **non_defaults(chat_limits), **non_defaults(engine_config, ("engine_api_key",)),
-               **non_defaults(knowledge_config), **non_defaults(history_config, ("token", "history_db"))}
+               **non_defaults(knowledge_config, ("milvus_token",)), **non_defaults(history_config, ("token", "history_db"))}
     log.info("settings: %s", changed or "all defaults")
 
     from chat import ChatService
@@ -66,6 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from engine.factory import build_engine
     from knowledge.embeddings import EmbeddingLoadError, build_embedder
     from knowledge.service import KnowledgeService
+    from knowledge.store import KnowledgeBaseError
 
     history = None
     if history_config.history:
@@ -84,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # the knowledge base first: its settings are checked in a second, the model takes longer
         knowledge = KnowledgeService(knowledge_config, build_embedder(knowledge_config.embedding_model))
         engine = build_engine(engine_config)
-    except (ModelLoadError, EmbeddingLoadError, ValueError, OSError) as exc:
+    except (ModelLoadError, EmbeddingLoadError, KnowledgeBaseError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
