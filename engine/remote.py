@@ -63,6 +63,7 @@ class ServerFacts:
     model: str
     max_model_len: Optional[int]
     owned_by: str
+    lists_models: bool = True  # False: /models fails there, so readiness is "answers HTTP at all"
 
 
 def sampling_body(params: SamplingParams, supported: frozenset[str]) -> tuple[dict, list[str]]:
@@ -107,6 +108,7 @@ class RemoteEngine(Engine):
         self.supported = supported
         self.counts_tokens = counts_tokens
         self._owned_by = facts.owned_by
+        self._lists_models = facts.lists_models
         self.process = None  # the supervised engine process (--backend vllm), stopped with this engine
         self._headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
         self._client: Optional[httpx.AsyncClient] = None
@@ -181,7 +183,7 @@ class RemoteEngine(Engine):
         except httpx.HTTPError as exc:
             self._mark_down(explain_transport_error(self.settings.url, exc))
             return False
-        if response.status_code != 200:
+        if response.status_code != 200 and (self._lists_models or response.status_code in (502, 503, 504)):
             self._mark_down(f"the inference engine at {self.settings.url} answered /models with {response.status_code}")
             return False
         self._mark_up()

@@ -58,6 +58,11 @@ def _wait_for_models(client: httpx.Client, settings: RemoteSettings, alive) -> d
             if response.status_code in (401, 403):
                 raise ModelLoadError(f"the inference engine at {settings.url} refused our credentials "
                                      f"({response.status_code}); check --engine-api-key")
+            if response.status_code >= 500 and settings.model:
+                # some servers (transformers serve with a local model) cannot list; the named model is enough
+                log.warning("the inference engine at %s cannot list its models (%s); using --engine-model %s",
+                            settings.url, problem, settings.model)
+                return {"data": [], "unlisted": True}
         except httpx.HTTPError as exc:
             problem = explain_transport_error(settings.url, exc)
         waited = time.monotonic() - started
@@ -87,7 +92,8 @@ def _pick_model(listing: dict, settings: RemoteSettings) -> ServerFacts:
     else:
         raise ModelLoadError(f"the inference engine at {settings.url} lists no model; name one with --engine-model")
     context = next((chosen[f] for f in CONTEXT_FIELDS if isinstance(chosen.get(f), int) and chosen[f] > 0), None)
-    return ServerFacts(model=chosen["id"], max_model_len=context, owned_by=str(chosen.get("owned_by") or ""))
+    return ServerFacts(model=chosen["id"], max_model_len=context, owned_by=str(chosen.get("owned_by") or ""),
+                       lists_models=not listing.get("unlisted", False))
 
 
 def _probe_extensions(client: httpx.Client, settings: RemoteSettings, model: str) -> frozenset[str]:
