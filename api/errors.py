@@ -24,6 +24,7 @@ from knowledge.store import (
     EmptyKnowledgeBaseError,
     KnowledgeBaseDeletedError,
     KnowledgeBaseError,
+    KnowledgeStoreUnavailableError,
     UnknownKnowledgeBaseError,
     UnusableKnowledgeBaseError,
 )
@@ -79,6 +80,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), param=exc.param, code="limit_exceeded")
     if isinstance(exc, IngestQueueFullError):
         return APIError(503, str(exc), type_="overloaded_error", code="ingest_queue_full", retry_after=exc.retry_after)
+    if isinstance(exc, KnowledgeStoreUnavailableError):
+        return APIError(503, str(exc), type_="server_error", code="knowledge_store_unavailable", retry_after=5)
     if isinstance(exc, UnusableKnowledgeBaseError):
         return APIError(409, str(exc), type_="conflict_error", param="kb", code="knowledge_base_unusable")
     if isinstance(exc, KnowledgeBaseDeletedError):

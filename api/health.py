@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.guard import AUTHENTICATED
+from knowledge.store import KnowledgeBaseError
 
 router = APIRouter()
 
@@ -53,6 +54,10 @@ async def ready(request: Request):
 def _knowledge(service) -> dict:
     if service is None:
         return {"enabled": False}
+    try:
+        service.names()
+    except KnowledgeBaseError as exc:  # a Milvus outage: health still answers, and says so
+        return {"enabled": True, "status": "unavailable", "error": str(exc)}
     return {
         "enabled": True,
         "embedding_model": service.embedder.name,

@@ -33,6 +33,7 @@ from knowledge.store import (
     Hit,
     KnowledgeBaseDeletedError,
     KnowledgeBaseError,
+    KnowledgeStoreUnavailableError,
 )
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,29 @@ PAGE_SIZE = 1000
 
 
 def _literal(value: str) -> str:
-    return json.dumps(value)  # a quoted, escaped string literal for Milvus filter expressions
+    """A quoted string literal for a Milvus filter. Names reaching here are checked knowledge-base names (no
+    quotes or backslashes); the escaping is a second line. Milvus reads UTF-8 as is, not \\u escapes."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class _Guarded:
+    """The Milvus client, its failures turned into one error the API answers with 503 (not a 500)."""
+
+    def __init__(self, client, uri: str) -> None:
+        self._client = client
+        self._uri = uri
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+
+        def call(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except Exception as exc:
+                if type(exc).__module__.startswith("pymilvus") or isinstance(exc, (ConnectionError, TimeoutError)):
+                    raise KnowledgeStoreUnavailableError(f"Milvus at {self._uri} failed: {str(exc)[:300]}") from None
+                raise
+        return call
 
 
 class MilvusCatalog:
@@ -55,7 +78,7 @@ class MilvusCatalog:
         self.embedder = embedder
         self.settings = settings
         try:
-            self.client = MilvusClient(uri=uri, token=token or "")
+            self.client = _Guarded(MilvusClient(uri=uri, token=token or ""), uri)
         except Exception as exc:
             raise KnowledgeBaseError(f"Milvus at {uri} could not be opened: {exc}") from None
         self.table = f"{prefix}_catalog"
@@ -117,6 +140,11 @@ class MilvusCatalog:
 
     def drop_file(self, name: str, file_name: str) -> None:
         self.client.delete(self.table, ids=[f"file:{name}:{_file_key(file_name)}"])
+
+
+def _cut(text: str, max_bytes: int) -> str:
+    """At most `max_bytes` of UTF-8 (Milvus VARCHAR lengths are bytes), never splitting a character."""
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
 
 
 def _file_key(file_name: str) -> str:
@@ -265,9 +293,8 @@ class MilvusKnowledgeBase:
             self._ensure_collection()
             for item in new_files:
                 id_prefix = f"{_file_key(item.name)[:8]}-{item.sha256[:16]}"
-                rows = [{"id": f"{id_prefix}-{i}", "vector": v, "text": c.text.encode("utf-8")[:MAX_TEXT].decode(
-                            "utf-8", "ignore"), "file": item.name[:1000], "page": int(c.page or 0),
-                         "heading": (c.heading or "")[:1000]}
+                rows = [{"id": f"{id_prefix}-{i}", "vector": v, "text": _cut(c.text, MAX_TEXT),
+                         "file": _cut(item.name, 1024), "page": int(c.page or 0), "heading": _cut(c.heading or "", 1024)}
                         for i, (c, v) in enumerate(zip(item.chunks, item.vectors.tolist()))]
                 for start in range(0, len(rows), PAGE_SIZE):
                     self.client.upsert(self.collection, rows[start:start + PAGE_SIZE])

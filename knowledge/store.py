@@ -58,6 +58,10 @@ class UnusableKnowledgeBaseError(KnowledgeBaseError):
     """The base's files on disk cannot be loaded (an old format, damage); the message says what to do."""
 
 
+class KnowledgeStoreUnavailableError(KnowledgeBaseError):
+    """The vector store (a Milvus server) cannot be reached or failed; retry later."""
+
+
 class KnowledgeBaseDeletedError(KnowledgeBaseError):
     """The base was deleted while this operation waited for it."""
 

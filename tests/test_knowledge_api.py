@@ -123,6 +123,16 @@ def test_bad_files_fail_alone(kb_server):
     assert [f["name"] for f in requests.get(f"{kb_server.url}/api/knowledge/{kb}/files", timeout=10).json()["files"]] == ["good.md"]
 
 
+def test_chinese_names_headings_and_text(kb_server):
+    kb = f"知识库-{uuid.uuid4().hex[:6]}"
+    heading = "长城" * 300  # 600 characters, 1800 bytes of UTF-8: past Milvus's 1024-byte field
+    body = f"# {heading}\n\n长城是中国古代的军事防御工程，总长度超过两万公里。\n".encode()
+    job = _upload(kb_server, kb, [("长城介绍.md", body)]).json()
+    assert job["state"] == "done" and job["files"][0]["status"] == "added", job
+    hits = _search(kb_server, kb, "长城有多长？")
+    assert hits[0]["file"] == "长城介绍.md" and "两万公里" in hits[0]["text"]
+
+
 def test_path_traversal_names_stay_inside_the_base(server, knowledge):
     kb = _kb()
     before = {p for p in knowledge.catalog.root.parent.rglob("*")}

@@ -87,6 +87,15 @@ def test_grounded_answers_and_deletion_through_the_api(engine, embedder, tmp_pat
             assert requests.delete(f"{live.url}/api/knowledge/default").status_code == 200
             assert requests.get(f"{live.url}/api/knowledge").json()["knowledge_bases"] == []
             assert requests.post(f"{live.url}/api/knowledge/default/search", json={"query": "x"}).status_code == 404
+            service.catalog.client._client.close()  # Milvus goes away
+            down = requests.get(f"{live.url}/api/knowledge")
+            assert down.status_code == 503 and down.json()["error"]["code"] == "knowledge_store_unavailable"
+            assert "Milvus" in down.json()["error"]["message"]
+            health = requests.get(f"{live.url}/health")
+            assert health.status_code == 200 and health.json()["knowledge"]["status"] == "unavailable"
     finally:
         chat.shutdown()
-        service.shutdown()
+        try:
+            service.shutdown()
+        except Exception:
+            pass  # its client was closed above
