@@ -123,6 +123,14 @@ class ChatCompletionMessage(BaseModel):
         return "".join(pieces)
 
 
+def check_messages(messages: list[ChatCompletionMessage]) -> None:
+    """Known roles and text-only content, naming the first message that breaks either."""
+    for i, m in enumerate(messages):
+        if ROLE_ALIASES.get(m.role, m.role) not in ("system", "user", "assistant"):
+            raise ValueError(f"messages[{i}].role: unknown role {m.role!r}; use system, user or assistant")
+        m.text(i)
+
+
 class ChatCompletionRequest(_Common):
     messages: list[ChatCompletionMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1, le=MAX_NEW_TOKENS)
@@ -133,10 +141,7 @@ class ChatCompletionRequest(_Common):
     @field_validator("messages")
     @classmethod
     def _messages(cls, messages: list[ChatCompletionMessage]) -> list[ChatCompletionMessage]:
-        for i, m in enumerate(messages):
-            if ROLE_ALIASES.get(m.role, m.role) not in ("system", "user", "assistant"):
-                raise ValueError(f"messages[{i}].role: unknown role {m.role!r}; use system, user or assistant")
-            m.text(i)
+        check_messages(messages)
         if ROLE_ALIASES.get(messages[-1].role, messages[-1].role) != "user":
             raise ValueError("the last message must be from the user")
         return messages

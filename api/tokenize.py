@@ -13,7 +13,7 @@ from typing import Optional
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.openai_schemas import ROLE_ALIASES, ChatCompletionMessage
+from api.openai_schemas import ROLE_ALIASES, ChatCompletionMessage, check_messages
 from chat import ChatService
 from engine import ChatMessage
 from engine.text import utf8_safe
@@ -30,10 +30,7 @@ class TokenizeRequest(BaseModel):
     @field_validator("messages")
     @classmethod
     def _roles(cls, messages: list[ChatCompletionMessage]) -> list[ChatCompletionMessage]:
-        for i, m in enumerate(messages):
-            if ROLE_ALIASES.get(m.role, m.role) not in ("system", "user", "assistant"):
-                raise ValueError(f"messages[{i}].role: unknown role {m.role!r}; use system, user or assistant")
-            m.text(i)
+        check_messages(messages)
         return messages
 
     def chat_messages(self) -> list[ChatMessage]:
