@@ -60,6 +60,11 @@ class SequenceState:
     submitted_at: float = field(default_factory=time.monotonic)
     queue_s: Optional[float] = None  # submitted until its prompt began to be read
 
+    def mark_scheduled(self) -> None:
+        """Its prompt begins to be read: the end of its queue time (a chunked prompt's first chunk)."""
+        if self.queue_s is None:
+            self.queue_s = time.monotonic() - self.submitted_at
+
     @property
     def generated(self) -> int:
         return len(self.output_ids)

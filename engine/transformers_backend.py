@@ -19,7 +19,6 @@ import collections
 import logging
 import queue
 import threading
-import time
 from typing import AsyncIterator, Optional, Sequence, Union
 
 import torch
@@ -292,7 +291,7 @@ class TransformersEngine(Engine):
         return joining
 
     def _start_chunked(self, seq: SequenceState) -> None:
-        _scheduled([seq])
+        seq.mark_scheduled()
         match = seq.prefix
         cache = cache_of(match.kv) if match.kv is not None else GrowingCache()
         self._chunking = ChunkedPrompt(seq, cache, match.tokens)
@@ -326,7 +325,8 @@ class TransformersEngine(Engine):
 
     @torch.inference_mode()
     def _prefill(self, joining: list[SequenceState]) -> None:
-        _scheduled(joining)
+        for seq in joining:
+            seq.mark_scheduled()
         prefixes = [s.prefix if s.prefix is not None else self._prefixes.lookup(s.prompt_ids) for s in joining]
         inputs = prefill_inputs([s.prompt_ids for s in joining], self._pad_id, self._device, prefixes)
         cache = inputs.pop("past_key_values", None)
@@ -444,9 +444,3 @@ class TransformersEngine(Engine):
             # the caller's event loop is gone: nobody is listening any more
             seq.cancelled = True
 
-
-def _scheduled(seqs: Sequence[SequenceState]) -> None:
-    now = time.monotonic()
-    for seq in seqs:
-        if seq.queue_s is None:
-            seq.queue_s = now - seq.submitted_at

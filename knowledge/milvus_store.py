@@ -341,7 +341,6 @@ class MilvusKnowledgeBase:
     # ---- search -------------------------------------------------------------------------
 
     def search(self, query: str, query_vector: np.ndarray, top_k: int) -> list[Hit]:
-        self.refresh()
         if self.mismatch():
             raise EmbeddingMismatchError(self.mismatch())
         with self._lock:

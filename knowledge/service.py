@@ -313,6 +313,7 @@ class KnowledgeService:
         return await asyncio.to_thread(self._search, base, query, top_k)
 
     def _search(self, base: KnowledgeBase, query: str, top_k: int) -> list[Hit]:
+        """`base` as get() returned it: already refreshed to the newest saved version."""
         vector = self.embedder.query_vector(query)
         return base.search(query, vector, top_k)
 
@@ -326,7 +327,7 @@ class KnowledgeService:
         base = await asyncio.to_thread(self.get, kb)
         if base.chunk_count == 0:
             raise EmptyKnowledgeBaseError(f"knowledge base {base.name!r} has no documents yet; upload some first")
-        hits = [h for h in await self.search(kb, question, top_k) if self.is_relevant(h)]
+        hits = [h for h in await asyncio.to_thread(self._search, base, question, top_k) if self.is_relevant(h)]
         if not hits:
             return Retrieval([], None, self.rag_prompt.no_match(question, base.name))
         return Retrieval(hits, self.rag_prompt.render(question, hits), None)

@@ -332,8 +332,8 @@ class KnowledgeBase:
     # ---- search ----------------------------------------------------------------------
 
     def search(self, query: str, query_vector: np.ndarray, top_k: int) -> list[Hit]:
-        """Hybrid retrieval: dense FAISS and BM25 candidates fused by reciprocal rank."""
-        self.refresh()
+        """Hybrid retrieval: dense FAISS and BM25 candidates fused by reciprocal rank (on the version in memory:
+        the service refreshes a base when it hands it out)."""
         self._require_usable()
         with self._lock:
             index = self._vectors.index
