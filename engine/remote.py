@@ -40,6 +40,7 @@ MESSAGE_OVERHEAD_TOKENS = 8
 READY_CACHE_S = 1.0
 OURS = "chatllm-webui"
 _END = object()  # the engine's stream ended normally
+DRAIN_S = 2.0  # how long a finished answer's last bytes may take before its connection is dropped instead
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class RemoteEngine(Engine):
         self._client_loop: Optional[asyncio.AbstractEventLoop] = None
         self._sync = httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), headers=self._headers)
         self._live: dict[str, asyncio.Future] = {}  # request id -> its exchange with the engine
+        self._draining: set[asyncio.Future] = set()  # finished exchanges reading their last bytes
         self._lock = threading.Lock()
         self._ready = True
         self._checked_at = 0.0
@@ -230,7 +232,7 @@ class RemoteEngine(Engine):
         usage, produced, finish = Usage(), 0, None
         try:
             for attempt in range(self.settings.retries + 1):
-                started = False
+                started = complete = False
                 events: asyncio.Queue = asyncio.Queue()
                 exchange = asyncio.ensure_future(self._exchange(url, body, events))
                 with self._lock:
@@ -246,6 +248,7 @@ class RemoteEngine(Engine):
                             started = True
                             produced += 1
                             yield GenerationChunk(delta=delta)
+                    complete = True
                     break
                 except (httpx.TransportError, EngineUnavailableError, EngineUpstreamError) as exc:
                     # a retry after the first token would repeat text the client already has
@@ -257,7 +260,11 @@ class RemoteEngine(Engine):
                 finally:
                     with self._lock:
                         self._live.pop(request_id, None)
-                    exchange.cancel()  # a no-op when it ended; else the connection closes and the engine stops
+                    if complete:  # it reads the body's last bytes, then returns the connection to the pool
+                        self._draining.add(exchange)
+                        exchange.add_done_callback(self._draining.discard)
+                    else:  # the connection closes and the engine stops
+                        exchange.cancel()
             if usage.completion_tokens == 0:
                 usage.completion_tokens = produced  # servers that send no usage: one chunk is about one token
             self._stats["tokens_generated"] += usage.completion_tokens
@@ -286,9 +293,16 @@ class RemoteEngine(Engine):
                 if response.status_code != 200:
                     raise error_for_status(response.status_code, _error_text(await response.aread()), self.settings.url)
                 self._mark_up()
-                async for event in _sse_events(response):
+                lines = response.aiter_lines()
+                async for event in _sse_events(lines):
                     events.put_nowait(event)
-            events.put_nowait(_END)
+                events.put_nowait(_END)  # the answer is whole: its consumer goes on now
+                # the body ends right after [DONE]; read to that end, the connection goes back to the pool
+                # (closed with bytes unread, it would be closed, and every request would open a new one)
+                try:
+                    await asyncio.wait_for(_drain(lines), DRAIN_S)
+                except (asyncio.TimeoutError, httpx.HTTPError):
+                    pass  # a server that keeps the body open: this connection is closed, nothing else changes
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # handed to the consumer, who decides on retries
@@ -316,8 +330,14 @@ class RemoteEngine(Engine):
         self._ready = True
 
 
-async def _sse_events(response: httpx.Response) -> AsyncIterator[dict]:
-    async for line in response.aiter_lines():
+async def _drain(lines: AsyncIterator[str]) -> None:
+    async for _ in lines:
+        pass
+
+
+async def _sse_events(lines: AsyncIterator[str]) -> AsyncIterator[dict]:
+    """Events up to `[DONE]`; `lines` is left where that was, for the caller to read to its end."""
+    async for line in lines:
         if not line.startswith("data:"):
             continue  # comments, keep-alives, event names
         data = line[5:].strip()

@@ -23,6 +23,7 @@ class Script:
     words: tuple[str, ...] = ("Hello", " from", " the", " fake", " engine", ".")
     chat_calls: int = 0
     bodies: list = field(default_factory=list)
+    client_ports: list = field(default_factory=list)  # one per answer: the connection it came on
 
 
 def fake_engine_app(script: Script) -> FastAPI:
@@ -44,6 +45,7 @@ def fake_engine_app(script: Script) -> FastAPI:
             return {"choices": [{"index": 0, "message": {"role": "assistant", "content": "H"}, "finish_reason": "length"}]}
         script.chat_calls += 1
         script.bodies.append(body)
+        script.client_ports.append(request.client.port)
         if script.chat_calls <= script.fail_first:
             return JSONResponse({"error": {"message": "engine warming up"}}, status_code=503)
 

@@ -172,6 +172,27 @@ def test_fields_a_strict_engine_refuses_are_reported_not_dropped_silently():
     assert "top_k" not in script.bodies[-1]
 
 
+def test_connections_to_the_engine_are_reused():
+    """An answer's body is read to its end after [DONE], so its connection goes back to the pool (closing it
+    with bytes unread made every request open a new connection to the engine)."""
+    script = Script()
+    fake, url = _fake(script)
+    with fake:
+        remote = connect_remote(RemoteSettings(url=url, wait=5))
+        chat = ChatService(remote, None)
+        try:
+            for live in serve(chat, None, knowledge=_no_knowledge()):
+                for _ in range(10):
+                    reply = requests.post(live.url + "/v1/chat/completions", json={
+                        "messages": [{"role": "user", "content": "hi"}], "stream": True}, timeout=60)
+                    assert "Hello" in reply.text and reply.text.rstrip().endswith("[DONE]")
+                time.sleep(0.2)
+                assert len(script.client_ports) == 10 and len(set(script.client_ports)) <= 2, script.client_ports
+        finally:
+            chat.shutdown()
+            remote.shutdown()
+
+
 def test_retries_happen_only_before_the_first_token():
     script = Script(fail_first=2)
     fake, url = _fake(script)
