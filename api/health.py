@@ -55,13 +55,13 @@ def _knowledge(service) -> dict:
     if service is None:
         return {"enabled": False}
     try:
-        service.names()
+        bases = service.names()  # asks the catalog once (a Milvus query), not once to check and once to list
     except KnowledgeBaseError as exc:  # a Milvus outage: health still answers, and says so
         return {"enabled": True, "status": "unavailable", "error": str(exc)}
     return {
         "enabled": True,
         "embedding_model": service.embedder.name,
         "dimension": service.embedder.dimension,
-        "bases": service.names(),
+        "bases": bases,
         "chunks": service.total_chunks(),
     }

@@ -37,15 +37,17 @@ log = logging.getLogger(__name__)
 
 def build_catalog(config: KnowledgeConfig, embedder: Embedder, settings: SplitterSettings):
     """The configured store: a folder of FAISS versions, or Milvus (Lite in a file, or a server)."""
+    root = Path(config.knowledge_dir or "data/knowledge").expanduser().resolve()
     if config.vector_store == "milvus":
         from knowledge.milvus_store import MilvusCatalog
 
-        uri = config.milvus_uri or str(Path(config.knowledge_dir or "data/knowledge").expanduser() / "milvus.db")
-        if "://" not in uri:
-            Path(uri).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
-            uri = str(Path(uri).expanduser().resolve())
+        uri = config.milvus_uri or str(root / "milvus.db")
+        if "://" not in uri:  # a Milvus Lite file
+            path = Path(uri).expanduser().resolve()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            uri = str(path)
         return MilvusCatalog(uri, config.milvus_token, config.milvus_collection_prefix, embedder, settings)
-    return FolderCatalog(Path(config.knowledge_dir or "data/knowledge").expanduser().resolve(), embedder, settings)
+    return FolderCatalog(root, embedder, settings)
 
 
 class IngestQueueFullError(Exception):
