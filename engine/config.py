@@ -7,7 +7,7 @@ from typing import Optional
 
 from engine.templates import family_names
 
-BACKENDS = ("transformers", "openai", "vllm")
+BACKENDS = ("transformers", "llamacpp", "openai", "vllm")
 
 
 @dataclass
@@ -45,7 +45,8 @@ class EngineConfig:
     )
     backend: str = field(
         default="transformers",
-        metadata={"help": "model runner: transformers = in this process; openai = an OpenAI-compatible "
+        metadata={"help": "model runner: transformers = in this process; llamacpp = a .gguf model on llama.cpp's "
+                          "server, started and supervised here (optional install: make llamacpp); openai = an OpenAI-compatible "
                           "inference server at --engine-url (vLLM, SGLang, TGI, Ollama, transformers serve, another "
                           "ChatLLM-WebUI); vllm = start and supervise `vllm serve --model-path` (or --engine-command)",
                   "choices": list(BACKENDS)},
@@ -79,14 +80,14 @@ class EngineConfig:
     )
     engine_command: Optional[str] = field(
         default=None,
-        metadata={"help": "--backend vllm: the engine's command line instead of `vllm serve ...`, with {port} "
+        metadata={"help": "--backend vllm or llamacpp: the engine's command line instead of `vllm serve ...` / `llama-server ...`, with {port} "
                           "where the internal port goes (any OpenAI-compatible server)"},
     )
     engine_args: str = field(
         default="",
-        metadata={"help": "--backend vllm: more arguments for `vllm serve`, e.g. \"--tensor-parallel-size 2 "
+        metadata={"help": "--backend vllm or llamacpp: more arguments for `vllm serve` (e.g. \"--tensor-parallel-size 2 "
                           "--gpu-memory-utilization 0.9\" or \"--pipeline-parallel-size 2 "
-                          "--distributed-executor-backend ray\""},
+                          "--distributed-executor-backend ray\") or for `llama-server` (e.g. \"--threads 4\")"},
     )
     generation_config: str = field(
         default="auto",
@@ -102,9 +103,19 @@ class EngineConfig:
         default=32,
         metadata={"help": "most sequences decoded together in one batch; more wait in the queue"},
     )
-    kv_cache_tokens: int = field(
-        default=131072,
-        metadata={"help": "KV-cache budget in tokens (batch rows x padded length); requests beyond it wait"},
+    kv_cache_tokens: Optional[int] = field(
+        default=None,
+        metadata={"help": "KV-cache budget in tokens; requests beyond it wait. Default: 131072 for transformers "
+                          "(batch rows x padded length, grown as needed); 32768 for llamacpp, which allocates it "
+                          "at start (about 0.7 GiB for the embedded model)"},
+    )
+    gguf_compute: str = field(
+        default="auto",
+        metadata={"help": "--backend llamacpp: native = compute with the GGUF's own quantized weights; f16 = "
+                          "dequantize them once to F16 (cached) so answers match the transformers backend; auto = "
+                          "f16 for models under 0.5B parameters, whose answers 4-bit products change most "
+                          "(bench/README.md), native otherwise",
+                  "choices": ["auto", "native", "f16"]},
     )
     max_prefill_tokens: int = field(
         default=64,

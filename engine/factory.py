@@ -40,7 +40,8 @@ def _build_transformers(config: EngineConfig, source: ModelSource) -> Engine:
         prompts=PromptBuilder(tokenizer, config.model_type, eos_ids),
         model_name=name,
         max_model_len=context_length(model, tokenizer, config.max_model_len),
-        limits=BatchLimits(config.max_num_seqs, config.kv_cache_tokens, config.max_prefill_tokens, config.max_queue),
+        limits=BatchLimits(config.max_num_seqs, config.kv_cache_tokens or BatchLimits.kv_cache_tokens,
+                           config.max_prefill_tokens, config.max_queue),
         prefix_cache=PrefixCache(config.prefix_cache_tokens),
         generation_defaults=model_generation_defaults(config, source),
     )
@@ -135,8 +136,15 @@ def _remote_settings(config: EngineConfig, url: str, default_wait: float):
     )
 
 
+def _build_llamacpp(config: EngineConfig) -> Engine:
+    from engine.llamacpp_server import build_llamacpp
+
+    return build_llamacpp(config)
+
+
 BACKEND_BUILDERS: dict[str, Callable[[EngineConfig], Engine]] = {
     "transformers": lambda config: _build_transformers(config, resolve_model_source(config.model_path)),
+    "llamacpp": _build_llamacpp,
     "openai": _build_openai,
     "vllm": _build_vllm,
 }

@@ -99,6 +99,8 @@ def estimate_tokens(messages: Sequence[ChatMessage]) -> int:
 
 
 class RemoteEngine(Engine):
+    backend_name = "openai"
+
     def __init__(self, settings: RemoteSettings, facts: ServerFacts, supported: frozenset[str],
                  counts_tokens: bool, generation_defaults: GenerationDefaults = GenerationDefaults(),
                  fallback_max_model_len: int = 4096) -> None:
@@ -124,6 +126,7 @@ class RemoteEngine(Engine):
         self._warned: set[str] = set()
         self._stats = {"requests": 0, "running": 0, "failed": 0, "retries": 0, "tokens_generated": 0,
                        "ignored_params": 0, "cancelled": 0}
+        self._prefix = {"query_tokens": 0, "hit_tokens": 0}  # from the engine's usage.prompt_tokens_details
 
     # ---- Engine ------------------------------------------------------------------------
 
@@ -160,7 +163,7 @@ class RemoteEngine(Engine):
 
     def health(self) -> dict:
         return {
-            "backend": "openai",
+            "backend": self.backend_name,
             "engine_url": self.settings.url,
             "model": self.model_name,
             "max_model_len": self.max_model_len,
@@ -172,6 +175,7 @@ class RemoteEngine(Engine):
             "token_counts": "server /tokenize" if self.counts_tokens else "estimated from UTF-8 length",
             "generation_defaults": {"source": self.generation_defaults.source, **self.generation_defaults.values()},
             **self._stats,
+            "prefix_cache": dict(self._prefix),
             **({"process": self.process.health()} if self.process is not None else {}),
         }
 
@@ -268,6 +272,8 @@ class RemoteEngine(Engine):
             if usage.completion_tokens == 0:
                 usage.completion_tokens = produced  # servers that send no usage: one chunk is about one token
             self._stats["tokens_generated"] += usage.completion_tokens
+            self._prefix["query_tokens"] += usage.prompt_tokens
+            self._prefix["hit_tokens"] += usage.cached_tokens
             yield GenerationChunk(delta="", finish_reason=_finish_reason(finish), usage=usage)
         except (EngineRejectedError, EngineOverloadedError):
             raise
@@ -357,7 +363,9 @@ def _parse_event(event: dict, chat: bool) -> tuple[str, Optional[str], Optional[
     usage = None
     if isinstance(event.get("usage"), dict):
         u = event["usage"]
-        usage = Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
+        details = u.get("prompt_tokens_details") if isinstance(u.get("prompt_tokens_details"), dict) else {}
+        usage = Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0),
+                      int(details.get("cached_tokens") or 0))
     choices = event.get("choices") or []
     if not choices:
         return "", None, usage

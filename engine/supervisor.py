@@ -34,8 +34,9 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 class EngineProcess:
-    def __init__(self, argv: Sequence[str], restart: bool = True) -> None:
+    def __init__(self, argv: Sequence[str], restart: bool = True, env: Optional[dict[str, str]] = None) -> None:
         self.argv = list(argv)
+        self._env = {**os.environ, **env} if env else None  # secrets go here, not on the command line
         self.restart = restart
         self._proc: Optional[subprocess.Popen] = None
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
@@ -97,6 +98,7 @@ class EngineProcess:
         self._proc = subprocess.Popen(
             self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=_die_with_parent, text=True, errors="replace", bufsize=1,
+            env=self._env,
         )
         self.started_at = time.monotonic()
         threading.Thread(target=self._pump, args=(self._proc,), name="engine-output", daemon=True).start()

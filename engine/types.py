@@ -52,6 +52,7 @@ class SamplingParams:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused, where the engine says (not part of the API's usage)
 
     @property
     def total_tokens(self) -> int:

@@ -51,7 +51,7 @@ class ServiceCollector(Collector):
                           prefix.get("query_tokens", 0))
             yield counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                           prefix.get("hit_tokens", 0))
-        if health.get("backend") == "openai":
+        if "engine_url" in health:  # an inference server of its own (--backend openai, vllm, llamacpp)
             yield from self._remote(health)
 
     @staticmethod
