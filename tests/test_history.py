@@ -214,11 +214,12 @@ def test_a_stopped_answer_is_stored_as_stopped_and_an_error_stores_nothing(api):
             if b"\0" in chunk:
                 break  # the client leaves mid-answer
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # a stopped answer is written after its client has gone
         r = api.get(f"/api/sessions/{session}")
-        if r.status_code == 200:
+        if r.status_code == 200 and len(r.json()["messages"]) >= 2:
             break
         time.sleep(0.2)
+    assert r.status_code == 200 and len(r.json()["messages"]) == 2, (r.status_code, r.text[:2000])
     answer = r.json()["messages"][1]
     assert answer["status"] == "stopped", (answer["usage"], answer["timings"], answer["finish_reason"])
     assert answer["finish_reason"] == "stopped" and answer["content"]
