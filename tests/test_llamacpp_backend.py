@@ -218,6 +218,22 @@ def test_knowledge_sources_and_conversations_work_on_llamacpp(llama):
     assert second.json()["usage"]["prompt_tokens"] > first.json()["usage"]["prompt_tokens"] + 5
 
 
+def test_the_webui_chats_through_llamacpp(llama, browser, artifacts):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(llama.url + "/")
+        page.wait_for_selector("#chat-input textarea", timeout=60_000)
+        assert MODEL in page.locator("#status-line").inner_text()
+        page.fill("#chat-input textarea", QUESTION)
+        page.press("#chat-input textarea", "Enter")  # the sliders untouched: the model's default sampling
+        page.wait_for_function("() => { const b = document.querySelectorAll('#chat-window [data-testid=\"bot\"]');"
+                               " return b.length && b[b.length-1].innerText.includes('Paris'); }", timeout=60_000)
+        page.screenshot(path=artifacts / "llamacpp-webui.png", full_page=True)
+    finally:
+        context.close()
+
+
 def test_a_crashed_llamacpp_is_restarted_and_serves_again(llama, llama_engine):
     pid = llama_engine.process.health()["pid"]
     os.kill(pid, signal.SIGKILL)
