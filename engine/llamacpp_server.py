@@ -171,7 +171,8 @@ def build_llamacpp(config: EngineConfig) -> LlamaCppEngine:
     process = EngineProcess(server_command(config, binary, weights, port, context, name), env={KEY_ENV: key})
     process.start()
     settings = RemoteSettings(url=f"http://127.0.0.1:{port}/v1", api_key=key, model=name,
-                              max_model_len=max_model_len, timeout=config.engine_timeout, retries=0,
+                              max_model_len=max_model_len, timeout=config.engine_timeout,
+                              retries=max(0, config.engine_retries),
                               wait=config.engine_wait if config.engine_wait is not None else 600.0)
     try:
         _wait_until_loaded(settings, process)

@@ -40,7 +40,8 @@ MESSAGE_OVERHEAD_TOKENS = 8
 READY_CACHE_S = 1.0
 OURS = "chatllm-webui"
 _END = object()  # the engine's stream ended normally
-DRAIN_S = 2.0  # how long a finished answer's last bytes may take before its connection is dropped instead
+DRAIN_S = 2.0
+KEEPALIVE_S = 3.0  # how long a finished answer's last bytes may take before its connection is dropped instead
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,9 @@ class RemoteEngine(Engine):
         if self._client is None or self._client_loop is not loop:
             self._client = httpx.AsyncClient(
                 timeout=httpx.Timeout(self.settings.timeout, connect=5.0),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+                # idle connections are dropped before the servers' own 5 s keep-alive (uvicorn, llama.cpp's
+                # cpp-httplib) would close them under a request just sent on one
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=KEEPALIVE_S),
             )
             self._client_loop = loop
         return self._client

@@ -117,17 +117,22 @@ def test_eas_stream_and_raw_completions(llama):
 
 def test_greedy_answers_agree_with_the_transformers_backend(llama, engine):
     """The same prompts (built here for both), the same weights: llama.cpp computes in F16, transformers in fp32."""
-    client = openai.OpenAI(api_key="x", base_url=llama.url + "/v1", max_retries=0, timeout=60)
-
     async def transformers_answer(question: str) -> str:
         params = SamplingParams(max_new_tokens=32, do_sample=False)
         return "".join([c.delta async for c in engine.generate([ChatMessage("user", question)], params, f"agree-{question}")])
 
-    same = 0
-    for question in AGREEMENT_SET:
-        ours = client.chat.completions.create(model=MODEL, max_tokens=32, temperature=0, messages=[
-            {"role": "user", "content": question}]).choices[0].message.content
-        same += ours.strip() == asyncio.run(transformers_answer(question)).strip()
+    async def llamacpp_answer(client: openai.AsyncOpenAI, question: str) -> str:
+        reply = await client.chat.completions.create(model=MODEL, max_tokens=32, temperature=0, messages=[
+            {"role": "user", "content": question}])
+        return reply.choices[0].message.content
+
+    async def both() -> tuple[list[str], list[str]]:  # each backend answers the whole set as one batch
+        client = openai.AsyncOpenAI(api_key="x", base_url=llama.url + "/v1", max_retries=0, timeout=120)
+        return (await asyncio.gather(*(transformers_answer(q) for q in AGREEMENT_SET)),
+                await asyncio.gather(*(llamacpp_answer(client, q) for q in AGREEMENT_SET)))
+
+    theirs, ours = asyncio.run(both())
+    same = sum(a.strip() == b.strip() for a, b in zip(theirs, ours))
     assert same >= 7, f"{same} of {len(AGREEMENT_SET)} greedy answers agree"  # bench: 16 of 16
 
 
