@@ -12,6 +12,7 @@ first-come queue, because the server itself takes every request it is sent.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import AsyncIterator, Sequence
 
 from engine.admission import TokenAdmission
@@ -101,8 +102,8 @@ class LlamaCppEngine(RemoteEngine):
         ids = await asyncio.to_thread(encode) if text_size > INLINE_TOKENIZE_CHARS else encode()
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(len(ids), self.max_model_len)
-        params_room = min(params.max_new_tokens, self.max_model_len - len(ids))
-        reserve = len(ids) + params_room
+        params = replace(params, max_new_tokens=min(params.max_new_tokens, self.max_model_len - len(ids)))
+        reserve = len(ids) + params.max_new_tokens
         await self.admission.acquire(reserve)
         try:
             async for chunk in self._stream("completions", {"prompt": ids}, params, request_id, chat=False):
@@ -111,11 +112,8 @@ class LlamaCppEngine(RemoteEngine):
             self.admission.release(reserve)
 
     def _payload(self, path_body: dict, params: SamplingParams) -> dict:
-        room = self.max_model_len - len(path_body["prompt"])
         # a seeded request is read from scratch: llama.cpp's arithmetic differs between a cached prompt and a
         # fresh one, and a sampled answer would then drift from the one the same seed gave before
         reuse = self.reuse_prompts and params.seed is None
-        body = {"stream": True, "stream_options": {"include_usage": True}, "cache_prompt": reuse,
+        return {"stream": True, "stream_options": {"include_usage": True}, "cache_prompt": reuse,
                 **path_body, **llamacpp_sampling(params, self.prompts.stop_strings, self.max_model_len)}
-        body["max_tokens"] = max(1, min(body["max_tokens"], room))
-        return body

@@ -40,8 +40,8 @@ MESSAGE_OVERHEAD_TOKENS = 8
 READY_CACHE_S = 1.0
 OURS = "chatllm-webui"
 _END = object()  # the engine's stream ended normally
-DRAIN_S = 2.0
-KEEPALIVE_S = 3.0  # how long a finished answer's last bytes may take before its connection is dropped instead
+DRAIN_S = 2.0  # how long a finished answer's last bytes may take before its connection is dropped instead
+KEEPALIVE_S = 3.0  # idle pooled connections expire before the usual 5 s server keep-alive
 
 
 @dataclass(frozen=True)
