@@ -394,26 +394,33 @@ class TransformersEngine(Engine):
         """Hand each row of `batch` its token; drop the rows that ended or failed."""
         assert len(tokens) == len(batch)
         self._stats["steps"] += 1
-        keep = []
+        keep, ended, failed = [], [], []
         for i, (seq, token) in enumerate(zip(batch.rows, tokens)):
             try:
                 if isinstance(token, Exception):
                     raise token
-                finished = self._accept(seq, token)
+                last = self._accept(seq, token)
             except Exception as exc:  # this request alone: its neighbours in the batch go on
                 log.warning("request %s failed: %r", seq.request_id, exc)
-                self._fail([seq])
+                failed.append(seq)
                 continue
-            if not finished:
+            if last is None:
                 keep.append(i)
-            elif self._prefixes.enabled:
+                continue
+            ended.append((seq, last))
+            if self._prefixes.enabled:
                 # a conversation's next prompt starts with this prompt and answer
                 # (the last token was sampled but never fed, so it has no KV yet)
                 self._prefixes.store(seq.prompt_ids + seq.output_ids[:-1], lambda i=i: row_kv(batch.cache, batch.mask, i))
         batch.keep(keep)
+        # the rows leave the batch before their callers hear the end, so a caller that reads the
+        # running count right after its answer no longer finds itself in it
+        self._fail(failed)
+        for seq, last in ended:
+            self._emit(seq, last)
 
-    def _accept(self, seq: SequenceState, token: int) -> bool:
-        """Record one generated token; returns True when the sequence is finished."""
+    def _accept(self, seq: SequenceState, token: int) -> Optional[GenerationChunk]:
+        """Record one generated token; returns the final chunk, not yet sent, when the sequence is finished."""
         seq.output_ids.append(token)
         self._stats["tokens_generated"] += 1
         if seq.output_counts is not None:
@@ -422,18 +429,15 @@ class TransformersEngine(Engine):
             seq.seen_ids = torch.cat([seq.seen_ids, torch.tensor([token], device=seq.seen_ids.device)])
         usage = Usage(prompt_tokens=len(seq.prompt_ids), completion_tokens=seq.generated)
         if token in self._prompts.eos_token_ids and not seq.params.ignore_eos:
-            self._emit(seq, GenerationChunk(delta=seq.detokenizer.flush(), finish_reason="stop", usage=usage))
-            return True
+            return GenerationChunk(delta=seq.detokenizer.flush(), finish_reason="stop", usage=usage)
         delta = seq.detokenizer.push(token)
         if seq.detokenizer.stopped:
-            self._emit(seq, GenerationChunk(delta=delta, finish_reason="stop", usage=usage))
-            return True
+            return GenerationChunk(delta=delta, finish_reason="stop", usage=usage)
         if seq.generated >= seq.max_new_tokens:
-            self._emit(seq, GenerationChunk(delta=delta + seq.detokenizer.flush(), finish_reason="length", usage=usage))
-            return True
+            return GenerationChunk(delta=delta + seq.detokenizer.flush(), finish_reason="length", usage=usage)
         if delta:
             self._emit(seq, GenerationChunk(delta=delta, usage=usage))
-        return False
+        return None
 
     def _emit(self, seq: SequenceState, item) -> None:
         if isinstance(item, GenerationChunk) and item.finish_reason is not None:
