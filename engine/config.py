@@ -117,6 +117,13 @@ class EngineConfig:
                           "(bench/README.md), native otherwise",
                   "choices": ["auto", "native", "f16"]},
     )
+    gguf_cache_gb: float = field(
+        default=4.0,
+        metadata={"help": "--backend transformers: a GGUF model is converted once to an unpacked safetensors copy "
+                          "under ~/.cache/chatllm-webui/hf (or $XDG_CACHE_HOME), so later starts skip reading and "
+                          "dequantizing it (~20 s for the embedded model); copies over this many GiB are not kept; "
+                          "0 = never"},
+    )
     max_prefill_tokens: int = field(
         default=64,
         metadata={"help": "most prompt tokens read between two decode steps: newcomers' prompts that fit join "

@@ -112,20 +112,31 @@ def from_generation_config(path: Path) -> GenerationDefaults:
     return _checked(raw, str(path))
 
 
-def from_gguf(path: Path) -> GenerationDefaults:
-    """The `general.sampling.*` metadata of a GGUF file, if its author wrote any."""
+def gguf_sampling(path: Path) -> dict:
+    """The raw `general.sampling.*` values of a GGUF file (unchecked; empty when it has none)."""
     try:
         import gguf
 
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # a file transformers could load but this reader cannot is no reason to stop
         log.warning("could not read sampling metadata from %s: %s", path, exc)
-        return GenerationDefaults()
+        return {}
     raw = {}
     for key, name in _GGUF_KEYS.items():
         field = reader.fields.get(key)
         if field is not None and field.data:
             raw[name] = field.parts[field.data[0]].tolist()[0]
+    return raw
+
+
+def from_gguf(path: Path) -> GenerationDefaults:
+    """The sampling metadata of a GGUF file, if its author wrote any (from its converted copy when there is one:
+    reading the file's metadata takes seconds)."""
+    from engine.gguf_cache import stored_sampling
+
+    raw = stored_sampling(path)
+    if raw is None:
+        raw = gguf_sampling(path)
     return _checked(raw, f"{path} metadata") if raw else GenerationDefaults()
 
 

@@ -102,9 +102,9 @@ def pick_device(requested: str) -> str:
 
 
 def pick_dtype(precision: str, device: str, gguf: bool = False):
-    """The weights' dtype. A GGUF stays packed in its quantized form and its kernels compute in float32, so
-    bf16 there only adds casts: on an H200 it answered 4x slower and agreed with CPU fp32 on 6 of 16 greedy
-    answers, where fp32 agreed on 16 (bench/README.md, "GPU")."""
+    """The weights' dtype. A GGUF's 4-bit weights are unpacked to float32 on load; in bf16 on an H200 they
+    answered 4x slower and agreed with CPU fp32 on 6 of 16 greedy answers, where fp32 agreed on 16
+    (bench/README.md, "GPU")."""
     import torch
 
     if precision == "int8":
@@ -119,27 +119,44 @@ def pick_dtype(precision: str, device: str, gguf: bool = False):
 
 
 def load_model(source: ModelSource, config: EngineConfig):
-    """Load tokenizer and model; returns (model, tokenizer, device)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load tokenizer and model; returns (model, tokenizer, device).
 
+    A GGUF file is read through its converted copy (engine/gguf_cache.py), which loads in under a second.
+    """
     device = pick_device(config.device)
     dtype = pick_dtype(config.precision, device, gguf=bool(source.gguf_file))
-    kwargs = {"trust_remote_code": config.trust_remote_code}
-    if source.gguf_file:
-        kwargs["gguf_file"] = source.gguf_file
     log.info("loading %s on %s as %s ...", source.description, device, str(dtype).removeprefix("torch."))
     started = time.monotonic()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
-    except (OSError, ValueError, ImportError, RuntimeError) as exc:
-        raise ModelLoadError(_explain_load_failure(source, exc)) from exc
+    if source.gguf_file:
+        from engine import gguf_cache
+        from engine.generation_defaults import gguf_sampling
+
+        gguf_path = Path(source.location) / source.gguf_file
+        model, tokenizer = gguf_cache.load_through_copy(
+            gguf_path, config.gguf_cache_gb,
+            load_folder=lambda folder: _from_pretrained(str(folder), {}, dtype, config, source),
+            load_gguf=lambda: _from_pretrained(source.location, {"gguf_file": source.gguf_file}, dtype, config, source),
+            sampling=lambda: gguf_sampling(gguf_path))
+    else:
+        model, tokenizer = _from_pretrained(source.location, {}, dtype, config, source)
     model.to(device)
     model.eval()
     if config.precision == "int8":
         model = quantize_int8(model)
     log.info("model loaded in %.1f s", time.monotonic() - started)
     return model, tokenizer, device
+
+
+def _from_pretrained(location: str, extra: dict, dtype, config: EngineConfig, source: ModelSource):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"trust_remote_code": config.trust_remote_code, **extra}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+    except (OSError, ValueError, ImportError, RuntimeError) as exc:
+        raise ModelLoadError(_explain_load_failure(source, exc)) from exc
+    return model, tokenizer
 
 
 def quantize_int8(model):
