@@ -116,10 +116,10 @@ def test_tiny_temperature_is_greedy_not_an_error(server):
     assert tiny["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]
 
 
-def test_stream_with_a_long_history_stays_proportional(server):
+def test_stream_with_a_long_history_stays_proportional(short_context_server):
     """Every frame used to repeat the whole history: an 800 KB history cost ~100 MB."""
     history = [[f"Earlier question {i}: " + "words " * 320, f"Earlier answer {i}: " + "reply " * 320] for i in range(200)]
-    response = post_http_request(server.url, "", "Say hello.", history=history, max_new_tokens=48, temperature=1.0,
+    response = post_http_request(short_context_server.url, "", "Say hello.", history=history, max_new_tokens=48, temperature=1.0,
                                  top_k=30, use_stream_chat=True)
     request_bytes = len(json.dumps({"prompt": "Say hello.", "history": history}))
     assert request_bytes > 700_000
