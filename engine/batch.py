@@ -52,14 +52,11 @@ class RunningBatch:
         if not self.rows:
             self.rows, self.cache, self.mask = list(rows), cache, mask
             return
+        from engine.kv_cache import GrowingCache, stacked
+
         width = max(self.width, mask.shape[1])
-        mine, theirs = _kv(self.cache), _kv(cache)
-        merged = []
-        for (k1, v1), (k2, v2) in zip(mine, theirs):
-            k = torch.cat([_pad_left(k1, width - k1.shape[-2], -2), _pad_left(k2, width - k2.shape[-2], -2)])
-            v = torch.cat([_pad_left(v1, width - v1.shape[-2], -2), _pad_left(v2, width - v2.shape[-2], -2)])
-            merged.append((k, v))
-        self.cache = cache_of(merged)
+        # one copy of every row into a buffer with room to grow (a merge is on the path of every stream's next token)
+        self.cache = GrowingCache.of_layers([stacked([mine, theirs], width) for mine, theirs in zip(self.cache.layers, cache.layers)])
         self.mask = torch.cat([_pad_left(self.mask, width - self.width, 1), _pad_left(mask, width - mask.shape[1], 1)])
         self.rows.extend(rows)
 
@@ -70,13 +67,21 @@ class RunningBatch:
         if not keep_rows:
             self.rows, self.cache, self.mask = [], None, None
             return
+        from engine.kv_cache import GrowingCache
+
         index = torch.tensor(keep_rows, device=self.mask.device)
         mask = self.mask.index_select(0, index)
         # leading columns no remaining row uses
         used = mask.sum(0) > 0
         start = int(torch.nonzero(used)[0]) if bool(used.any()) else 0
-        self.cache = cache_of([(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in _kv(self.cache)])
-        self.mask = mask[:, start:].contiguous()
+        if start * 4 < self.width:
+            # a few padding columns cost less to attend over than a second copy of every row costs to drop
+            self.cache = GrowingCache.of_layers([layer.select_rows(index) for layer in self.cache.layers])
+            self.mask = mask
+        else:
+            self.cache = cache_of([(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+                                   for k, v in _kv(self.cache)])
+            self.mask = mask[:, start:].contiguous()
         self.rows = [self.rows[i] for i in keep_rows]
 
     def step_inputs(self, tokens: Sequence[int]) -> dict:

@@ -129,6 +129,13 @@ class EngineConfig:
         metadata={"help": "most prompt tokens read between two decode steps: newcomers' prompts that fit join "
                           "together, a longer prompt is read in chunks, so running streams never stall behind it"},
     )
+    fused_step: str = field(
+        default="auto",
+        metadata={"help": "--backend transformers: auto = for Llama-layout models (llama, mistral, qwen2) each scheduler "
+                          "iteration (every batch's decode step, newcomers' prompts, a chunk of a long prompt) is one "
+                          "pass over the weights, with attention per batch; off = one forward pass per batch",
+                  "choices": ["auto", "off"]},
+    )
     prefix_cache_tokens: int = field(
         default=4096,
         metadata={"help": "tokens of recent prompts and answers whose KV is kept for reuse by prompts that "

@@ -44,6 +44,7 @@ def _build_transformers(config: EngineConfig, source: ModelSource) -> Engine:
                            config.max_prefill_tokens, config.max_queue),
         prefix_cache=PrefixCache(config.prefix_cache_tokens),
         generation_defaults=model_generation_defaults(config, source),
+        fused_step=config.fused_step == "auto",
     )
 
 

@@ -11,7 +11,7 @@ happens once every ~n/4 steps instead of every step.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -44,8 +44,21 @@ class GrowingLayer(DynamicLayer):
         self.values = self._values[:, :, :self._filled]
         return self.keys, self.values
 
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor, filled: int) -> "GrowingLayer":
+        """A layer over these buffers (not copied), of which the first `filled` columns are in use."""
+        layer = cls()
+        layer.lazy_initialization(keys, values)
+        layer._keys, layer._values, layer._filled = keys, values, filled
+        layer.keys, layer.values = keys[:, :, :filled], values[:, :, :filled]
+        return layer
+
+    def select_rows(self, index: torch.Tensor) -> "GrowingLayer":
+        """These rows only, spare room included: one copy, and the next step still appends in place."""
+        return GrowingLayer.holding(self._keys.index_select(0, index), self._values.index_select(0, index), self._filled)
+
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
-        capacity = needed + max(MIN_SPARE, needed // 4)
+        capacity = with_spare_room(needed)
         batch, heads, _, dim = key_states.shape
         keys = key_states.new_empty((batch, heads, capacity, dim))
         values = value_states.new_empty((batch, value_states.shape[1], capacity, value_states.shape[-1]))
@@ -54,8 +67,40 @@ class GrowingLayer(DynamicLayer):
             values[:, :, :self._filled] = self._values[:, :, :self._filled]
         self._keys, self._values = keys, values
 
+    def truncate(self, filled: int) -> None:
+        """Forget the columns past `filled` (a pass that failed midway appended them to some layers only)."""
+        if not self.is_initialized or self._keys is None:
+            return
+        self._filled = min(self._filled, filled)
+        self.keys = self._keys[:, :, :self._filled]
+        self.values = self._values[:, :, :self._filled]
+
     def get_seq_length(self) -> int:
         return self._filled if self.is_initialized else 0
+
+
+def with_spare_room(needed: int) -> int:
+    return needed + max(MIN_SPARE, needed // 4)
+
+
+def stacked(parts: Sequence[GrowingLayer], width: int) -> GrowingLayer:
+    """The parts' rows in one layer `width` columns wide, each right-aligned (left padding), copied once.
+
+    The padding is zeros, not whatever the memory held: attention gives it weight 0, and 0 x NaN is NaN.
+    """
+    first = parts[0].keys
+    rows = sum(p.keys.shape[0] for p in parts)
+    values_dim = parts[0].values.shape[-1]
+    keys = first.new_empty((rows, first.shape[1], with_spare_room(width), first.shape[-1]))
+    values = first.new_empty((rows, first.shape[1], with_spare_room(width), values_dim))
+    row = 0
+    for part in parts:
+        n, filled = part.keys.shape[0], part.keys.shape[-2]
+        for buffer, source in ((keys, part.keys), (values, part.values)):
+            buffer[row:row + n, :, :width - filled].zero_()
+            buffer[row:row + n, :, width - filled:width] = source
+        row += n
+    return GrowingLayer.holding(keys, values, width)
 
 
 class GrowingCache(DynamicCache):
@@ -71,3 +116,9 @@ class GrowingCache(DynamicCache):
             Cache.__init__(self, layers=layers)
         else:
             Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
+
+    @classmethod
+    def of_layers(cls, layers: Sequence[GrowingLayer]) -> "GrowingCache":
+        cache = cls.__new__(cls)
+        Cache.__init__(cache, layers=list(layers))
+        return cache

@@ -26,6 +26,7 @@ import torch
 from engine.base import Engine
 from engine.batch import RunningBatch, cache_of, prefill_inputs, row_kv
 from engine.detokenizer import IncrementalDetokenizer
+from engine.fused_forward import FusedForward, Group, fusable, rollback
 from engine.generation_defaults import GenerationDefaults
 from engine.kv_cache import GrowingCache
 from engine.prefix_cache import PrefixCache, PrefixMatch
@@ -48,8 +49,9 @@ log = logging.getLogger(__name__)
 class TransformersEngine(Engine):
     def __init__(self, model, tokenizer, prompts: PromptBuilder, model_name: str, max_model_len: int,
                  limits: BatchLimits = BatchLimits(), prefix_cache: Optional[PrefixCache] = None,
-                 generation_defaults: GenerationDefaults = GenerationDefaults()) -> None:
+                 generation_defaults: GenerationDefaults = GenerationDefaults(), fused_step: bool = True) -> None:
         self._model = model
+        self._fused = FusedForward(model) if fused_step and fusable(model) else None
         self._tokenizer = tokenizer
         self._prompts = prompts
         self.model_name = model_name
@@ -100,6 +102,7 @@ class TransformersEngine(Engine):
             "chat_format": self._prompts.family,
             "running": self._running,
             "batches": len(self._batches),
+            "one_pass_steps": self._fused is not None,
             "waiting": self._inbox.qsize() + len(self._waiting) + (self._chunking is not None),
             "prefilling": None if self._chunking is None else {
                 "done": self._chunking.done, "prompt_tokens": len(self._chunking.seq.prompt_ids)},
@@ -167,6 +170,8 @@ class TransformersEngine(Engine):
             self._drop_cancelled()
             budget = self.limits.max_prefill_tokens
             joining = self._take_joiners(budget)
+            if self._fused is not None and self._one_pass(joining, budget):
+                continue
             if joining:
                 budget -= self._admit(joining)
             if self._chunking is not None:
@@ -179,6 +184,64 @@ class TransformersEngine(Engine):
                     self._fail(batch.rows)
                     batch.keep([])
             self._batches = [b for b in self._batches if b]
+
+    @torch.inference_mode()
+    def _one_pass(self, joining: list[SequenceState], budget: int) -> bool:
+        """This iteration's work as one forward pass (engine/fused_forward.py). False: nothing was done, and
+        the caller does it pass by pass (the pass failed, so each part runs alone and only its rows can fail)."""
+        groups: list[Group] = []
+        steps = []  # (batch, mask before this step, KV filled per layer before it)
+        for batch in self._batches:
+            before = (batch.mask, [layer.get_seq_length() for layer in batch.cache.layers])
+            inputs = batch.step_inputs([s.last_token for s in batch.rows])
+            groups.append(Group(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], batch.cache))
+            steps.append((batch, *before))
+        chunk = self._chunking
+        if chunk is not None:
+            seq = chunk.seq
+            cost = max(self._fresh_tokens(s) for s in joining) * len(joining) if joining else 0
+            start = chunk.done
+            end = min(len(seq.prompt_ids), start + max(budget - cost, MIN_CHUNK_TOKENS))
+            chunk_filled = [layer.get_seq_length() for layer in chunk.cache.layers]
+            groups.append(Group(torch.tensor([seq.prompt_ids[start:end]], device=self._device),
+                                torch.ones((1, end), dtype=torch.long, device=self._device),
+                                torch.arange(start, end, device=self._device).unsqueeze(0), chunk.cache))
+        if joining:
+            for seq in joining:
+                seq.mark_scheduled()
+            prefixes = [s.prefix if s.prefix is not None else self._prefixes.lookup(s.prompt_ids) for s in joining]
+            inputs = prefill_inputs([s.prompt_ids for s in joining], self._pad_id, self._device, prefixes)
+            fresh_cache = inputs.pop("past_key_values", None) or GrowingCache()
+            groups.append(Group(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], fresh_cache))
+        if not groups:
+            return False
+        try:
+            logits = self._fused(groups)
+        except Exception as exc:
+            log.warning("one-pass step failed (%r); running its parts one by one", exc)
+            for batch, mask, filled in steps:
+                batch.mask = mask
+                rollback(batch.cache, filled)
+            if chunk is not None:
+                rollback(chunk.cache, chunk_filled)
+            return False
+        # decode results first: a newcomer placed into a batch changes that batch's rows
+        for (batch, _, _), batch_logits in zip(steps, logits):
+            self._finish_step(batch, self._sample(batch_logits, batch.rows))
+        self._batches = [b for b in self._batches if b]
+        rest = logits[len(steps):]
+        if chunk is not None:
+            chunk_logits, rest = rest[0], rest[1:]
+            chunk.done = end
+            self._stats["prefill_tokens"] += end - start
+            if end == len(chunk.seq.prompt_ids):
+                self._chunking = None
+                self._join([chunk.seq], chunk_logits, chunk.cache,
+                           torch.ones((1, end), dtype=torch.long, device=self._device), [chunk.seq.prefix])
+        if joining:
+            self._stats["prefill_tokens"] += sum(len(s.prompt_ids) - m.tokens for s, m in zip(joining, prefixes))
+            self._join(joining, rest[0], fresh_cache, inputs["attention_mask"], prefixes)
+        return True
 
     def _kv_tokens(self) -> int:
         """KV slots held: every row of a batch is as wide as its widest (left padding), plus a prompt being read."""

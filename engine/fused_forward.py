@@ -1,0 +1,125 @@
+"""One forward pass for a whole scheduler iteration: every batch's decode step, newcomers' prompts and a chunk.
+
+On a CPU a forward pass costs ~40 ms before its first token, reading the
+weights (540 MB in fp32 for the embedded model), and the runner used to pay
+it once per batch, once for the newcomers' prefill and once for a chunk of a
+long prompt. Only attention needs each group's own rows, masks and cache;
+the projections, norms and MLP treat tokens one by one. So here every
+group's tokens go through those as one matrix (one read of the weights) and
+attention runs per group: an 8-row decode step plus a 15-token prefill went
+from 113 to 70 ms of matrix products on two cores (bench/README.md).
+
+Written for the Llama layout (llama, mistral without sliding windows,
+qwen2): the same modules and attention function the model's own forward
+uses; other architectures keep their own forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+SUPPORTED = {"llama", "mistral", "qwen2"}
+
+
+@dataclass
+class Group:
+    """Rows that share a KV cache: `input_ids`/`position_ids` [B, L], `attention_mask` [B, past + L]."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    cache: object  # a transformers Cache (GrowingCache)
+
+
+def fusable(model) -> bool:
+    config = model.config
+    if getattr(config, "model_type", None) not in SUPPORTED:
+        return False
+    if getattr(config, "use_sliding_window", False) or (
+            config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None):
+        return False
+    body = getattr(model, "model", None)
+    layers = getattr(body, "layers", None)
+    if layers is None or not hasattr(body, "rotary_emb") or not hasattr(body, "embed_tokens"):
+        return False
+    needed = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
+    return all(all(hasattr(layer, name) for name in needed) for layer in layers) and \
+        all(hasattr(layer.self_attn, p) for layer in layers for p in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim"))
+
+
+class FusedForward:
+    """The model's forward, run over several groups at once; returns each group's last-position logits [B, V]."""
+
+    def __init__(self, model) -> None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+        self._model = model
+        self._rotate = apply_rotary_pos_emb
+        self._attention = ALL_ATTENTION_FUNCTIONS.get_interface(model.config._attn_implementation, eager_attention_forward)
+
+    @torch.inference_mode()
+    def __call__(self, groups: Sequence[Group]) -> list[torch.Tensor]:
+        body = self._model.model
+        shapes = [tuple(g.input_ids.shape) for g in groups]
+        embedded = [body.embed_tokens(g.input_ids) for g in groups]
+        hidden = torch.cat([e.reshape(-1, e.shape[-1]) for e in embedded])
+        rotary = [body.rotary_emb(e, g.position_ids) for e, g in zip(embedded, groups)]
+        masks = [_attention_mask(g) for g in groups]
+        for index, layer in enumerate(body.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            outputs, start = [], 0
+            for group, (rows, length), (cos, sin), mask in zip(groups, shapes, rotary, masks):
+                end = start + rows * length
+                qg = q[start:end].view(rows, length, -1, attn.head_dim).transpose(1, 2)
+                kg = k[start:end].view(rows, length, -1, attn.head_dim).transpose(1, 2)
+                vg = v[start:end].view(rows, length, -1, attn.head_dim).transpose(1, 2)
+                qg, kg = self._rotate(qg, kg, cos, sin)
+                kg, vg = group.cache.update(kg, vg, index)
+                out, _ = self._attention(attn, qg, kg, vg, mask, dropout=0.0, scaling=attn.scaling)
+                outputs.append(out.reshape(rows * length, -1))
+                start = end
+            hidden = hidden + attn.o_proj(torch.cat(outputs))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        # only each row's last position needs the vocabulary projection
+        last, start = [], 0
+        for rows, length in shapes:
+            last.append(torch.arange(rows, device=hidden.device) * length + start + length - 1)
+            start += rows * length
+        logits = self._model.lm_head(body.norm(hidden[torch.cat(last)]))
+        out, start = [], 0
+        for rows, _ in shapes:
+            out.append(logits[start:start + rows])
+            start += rows
+        return out
+
+
+def _attention_mask(group: Group) -> torch.Tensor:
+    """[B, 1, L, past + L] booleans (True = may attend): causal over the cache, padding hidden.
+
+    A padding query position sees nothing else, so it is let see itself: a row of
+    all False would make attention NaN, and NaN keys in padding slots would
+    poison the rows that later skip them (0 x NaN).
+    """
+    rows, length = group.input_ids.shape
+    total = group.attention_mask.shape[1]
+    past = total - length
+    device = group.attention_mask.device
+    keys = torch.arange(total, device=device)
+    queries = torch.arange(length, device=device) + past
+    causal = keys.unsqueeze(0) <= queries.unsqueeze(1)  # [L, total]
+    allowed = causal.unsqueeze(0) & group.attention_mask.bool().unsqueeze(1)  # [B, L, total]
+    allowed |= (keys.unsqueeze(0) == queries.unsqueeze(1)).unsqueeze(0)
+    return allowed.unsqueeze(1)
+
+
+def rollback(cache, filled: Optional[list[int]]) -> None:
+    """Forget what a failed pass appended to `cache`: back to `filled` tokens per layer (None: nothing kept)."""
+    for i, layer in enumerate(cache.layers):
+        n = filled[i] if filled is not None and i < len(filled) else 0
+        layer.truncate(n)
