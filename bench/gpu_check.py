@@ -87,8 +87,10 @@ async def load(engine, streams: int, tokens: int, stagger_s: float = 0.0) -> dic
             "itl_p99_ms": round(gaps[int(len(gaps) * 0.99) - 1] * 1000, 2)}
 
 
-def run_on(model: str, precision: str, device: str, levels: list[int], tokens: int, reference) -> dict:
-    engine = build_engine(EngineConfig(model_path=model, device=device, precision=precision, max_num_seqs=max(levels)))
+def run_on(model: str, precision: str, device: str, levels: list[int], tokens: int, reference,
+           fused_step: str = "auto") -> dict:
+    engine = build_engine(EngineConfig(model_path=model, device=device, precision=precision, max_num_seqs=max(levels),
+                                       fused_step=fused_step))
     try:
         health = engine.health()
         out: dict = {"device": health["device"], "dtype": health["dtype"]}
@@ -115,6 +117,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--precisions", default="bf16,fp32")
     parser.add_argument("--device", default="cuda", help="cpu runs the same checks here (a dry run of the script)")
+    parser.add_argument("--fused-step", default="auto", choices=["auto", "off"])
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.make_reference:
@@ -130,7 +133,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else None
     result = {"gpu": gpu, "torch": torch.__version__, "runs": {}}
     for precision in args.precisions.split(","):
-        result["runs"][precision] = run_on(args.model, precision, args.device, levels, args.tokens, reference)
+        result["runs"][precision] = run_on(args.model, precision, args.device, levels, args.tokens, reference, args.fused_step)
         print(json.dumps({precision: {k: v for k, v in result["runs"][precision].items() if k != "answers"}}),
               flush=True)
     if args.out:
