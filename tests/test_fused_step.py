@@ -16,9 +16,9 @@ class _Row:
     pass
 
 
-def _prefill(model, tokenizer, texts, fused=None):
+def _prefill(model, tokenizer, texts, device, fused=None):
     prompts = [tokenizer(t)["input_ids"] for t in texts]
-    inputs = prefill_inputs(prompts, tokenizer.eos_token_id, "cpu")
+    inputs = prefill_inputs(prompts, tokenizer.eos_token_id, device)
     cache = GrowingCache()
     if fused is None:
         logits = model(**inputs, past_key_values=cache, logits_to_keep=1).logits[:, -1]
@@ -30,29 +30,31 @@ def _prefill(model, tokenizer, texts, fused=None):
 
 
 @torch.inference_mode()
-def test_one_pass_matches_the_models_forward_alone_and_mixed(engine):
-    model, tokenizer = engine._model, engine._tokenizer
+def one_pass_against_forward(model, tokenizer, device="cpu") -> list[tuple[str, torch.Tensor, torch.Tensor, bool]]:
+    """(what, the model's own logits, the one pass's logits, whether the pass held that group alone).
+
+    A left-padded prefill of two prompts of different lengths, 12 decode steps over that batch, then one
+    pass holding a decode step, a newcomer's prompt and the second half of a prompt read in two chunks.
+    bench/fused_gpu_check.py reports the same comparison on a GPU.
+    """
     fused = FusedForward(model)
     texts = ["The capital of France is", "Write a poem about the sea and the sky, with rhymes and feeling"]
-    # a left-padded prefill of two prompts of different lengths: the same logits, bit for bit
-    expected, theirs = _prefill(model, tokenizer, texts)
-    got, ours = _prefill(model, tokenizer, texts, fused)
-    assert torch.equal(expected, got)
-    # decode steps over the padded batch: the same greedy tokens and logits
+    expected, theirs = _prefill(model, tokenizer, texts, device)
+    got, ours = _prefill(model, tokenizer, texts, device, fused)
+    pairs = [("prefill", expected, got, True)]
     tokens = expected.argmax(-1).tolist()
-    for _ in range(12):
+    for n in range(12):
         want = model(**theirs.step_inputs(tokens)).logits[:, -1]
         step = ours.step_inputs(tokens)
         have = fused([Group(step["input_ids"], step["attention_mask"], step["position_ids"], ours.cache)])[0]
-        assert torch.equal(want, have)
+        pairs.append((f"decode_{n}", want, have, True))
         tokens = want.argmax(-1).tolist()
-    # one pass holding a decode step, a newcomer's prompt and a chunk of a longer prompt read after a first chunk
     newcomer = tokenizer("Why is the sky blue?")["input_ids"]
     long_prompt = tokenizer("Describe a busy market in the morning, the stalls, the smells and the people.")["input_ids"]
     want_decode = model(**theirs.step_inputs(tokens)).logits[:, -1]
-    new_inputs = prefill_inputs([newcomer], tokenizer.eos_token_id, "cpu")
+    new_inputs = prefill_inputs([newcomer], tokenizer.eos_token_id, device)
     want_new = model(**new_inputs, past_key_values=GrowingCache(), logits_to_keep=1).logits[:, -1]
-    whole = torch.tensor([long_prompt])
+    whole = torch.tensor([long_prompt], device=device)
     want_long = model(input_ids=whole, past_key_values=GrowingCache(), logits_to_keep=1).logits[:, -1]
     half = len(long_prompt) // 2
     chunk_cache = GrowingCache()
@@ -60,14 +62,23 @@ def test_one_pass_matches_the_models_forward_alone_and_mixed(engine):
     step = ours.step_inputs(tokens)
     have_decode, have_long, have_new = fused([
         Group(step["input_ids"], step["attention_mask"], step["position_ids"], ours.cache),
-        Group(whole[:, half:], torch.ones((1, len(long_prompt)), dtype=torch.long),
-              torch.arange(half, len(long_prompt)).unsqueeze(0), chunk_cache),
+        Group(whole[:, half:], torch.ones((1, len(long_prompt)), dtype=torch.long, device=device),
+              torch.arange(half, len(long_prompt), device=device).unsqueeze(0), chunk_cache),
         Group(new_inputs["input_ids"], new_inputs["attention_mask"], new_inputs["position_ids"], GrowingCache()),
     ])
-    # the products now run over more rows at once, so the last bits may differ; the choices do not
-    for want, have in ((want_decode, have_decode), (want_new, have_new), (want_long, have_long)):
-        assert torch.allclose(want, have, atol=1e-3), (want - have).abs().max()
-        assert torch.equal(want.argmax(-1), have.argmax(-1))
+    return pairs + [("mixed_decode", want_decode, have_decode, False), ("mixed_newcomer", want_new, have_new, False),
+                    ("mixed_chunk", want_long, have_long, False)]
+
+
+def test_one_pass_matches_the_models_forward_alone_and_mixed(engine):
+    pairs = one_pass_against_forward(engine._model, engine._tokenizer)
+    assert [name for name, *_ in pairs][-3:] == ["mixed_decode", "mixed_newcomer", "mixed_chunk"]
+    for name, want, have, alone in pairs:
+        if alone:  # a group alone in its pass: the same logits, bit for bit
+            assert torch.equal(want, have), name
+        else:  # the products now run over more rows at once, so the last bits may differ; the choices do not
+            assert torch.allclose(want, have, atol=1e-3), (name, (want - have).abs().max())
+            assert torch.equal(want.argmax(-1), have.argmax(-1)), name
 
 
 def test_the_embedded_model_runs_one_pass_steps_and_answers_alike_when_requests_overlap(engine):
