@@ -17,7 +17,7 @@ uses; other architectures keep their own forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -118,8 +118,8 @@ def _attention_mask(group: Group) -> torch.Tensor:
     return allowed.unsqueeze(1)
 
 
-def rollback(cache, filled: Optional[list[int]]) -> None:
-    """Forget what a failed pass appended to `cache`: back to `filled` tokens per layer (None: nothing kept)."""
+def rollback(cache, filled: list[int]) -> None:
+    """Forget what a failed pass appended to `cache`: back to `filled` tokens per layer (layers the pass
+    created, past the end of `filled`, back to none)."""
     for i, layer in enumerate(cache.layers):
-        n = filled[i] if filled is not None and i < len(filled) else 0
-        layer.truncate(n)
+        layer.truncate(filled[i] if i < len(filled) else 0)

@@ -199,7 +199,7 @@ class TransformersEngine(Engine):
         chunk = self._chunking
         if chunk is not None:
             seq = chunk.seq
-            cost = max(self._fresh_tokens(s) for s in joining) * len(joining) if joining else 0
+            cost = self._prefill_cost(joining) if joining else 0
             start = chunk.done
             end = min(len(seq.prompt_ids), start + max(budget - cost, MIN_CHUNK_TOKENS))
             chunk_filled = [layer.get_seq_length() for layer in chunk.cache.layers]
@@ -258,7 +258,7 @@ class TransformersEngine(Engine):
 
         Returns the prompt tokens computed (padding included), taken from this iteration's budget.
         """
-        cost = max(self._fresh_tokens(s) for s in joining) * len(joining)
+        cost = self._prefill_cost(joining)
         try:
             self._prefill(joining)
             return cost
@@ -275,6 +275,10 @@ class TransformersEngine(Engine):
                 log.exception("prefill failed for request %s", seq.request_id)
                 self._fail([seq])
         return cost
+
+    def _prefill_cost(self, joining: list[SequenceState]) -> int:
+        """Prompt tokens a joint prefill computes, padding included: what it takes from the iteration's budget."""
+        return max(self._fresh_tokens(s) for s in joining) * len(joining)
 
     def _fail(self, rows: Sequence[SequenceState]) -> None:
         for seq in rows:
