@@ -35,7 +35,8 @@ def _wait_idle(server, timeout=10.0) -> dict:
 def test_short_request_is_not_stuck_behind_a_long_one(server):
     async def scenario():
         async with httpx.AsyncClient(timeout=300) as client:
-            long_task = asyncio.create_task(client.post(server.url, json=LONG))
+            # 150 tokens take ~6 s alone: long enough to still run when the short one is done
+            long_task = asyncio.create_task(client.post(server.url, json={**LONG, "max_new_tokens": 150}))
             await asyncio.sleep(1.0)  # the long answer is under way
             started = time.monotonic()
             short = await client.post(server.url, json={"prompt": "Say yes.", "max_new_tokens": 5})
@@ -171,7 +172,7 @@ def test_mixed_sampling_settings_in_one_batch(server):
 
 def test_queue_limit_gives_503(engine, chat_service):
     """Past --max-queue, requests are refused with 503 instead of piling up."""
-    from engine.transformers_backend import BatchLimits
+    from engine.sequences import BatchLimits
     from tests.conftest import serve
 
     saved = engine.limits

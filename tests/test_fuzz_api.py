@@ -1,9 +1,9 @@
 """Property-based fuzzing of every route in /openapi.json (schemathesis): no 5xx, every error is JSON.
 
 Valid and invalid requests are generated from the published schemas; the
-server runs the real model with a small context (so each generated answer is
-short), its own knowledge folder (so generated deletes touch nothing else) and
-its own conversation database.
+server runs the real model with a small context and a short default answer
+(generated answers were most of the test's time), its own knowledge folder
+(so generated deletes touch nothing else) and its own conversation database.
 `bench/fuzz.py` runs the same check with many more examples.
 """
 
@@ -18,7 +18,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from chat import ChatService
+from chat import ChatLimits, ChatService
 from engine.config import EngineConfig
 from history import HistoryConfig, HistoryService
 from engine.factory import build_engine
@@ -31,12 +31,12 @@ EXAMPLES = int(os.environ.get("CHATLLM_FUZZ_EXAMPLES", "8"))
 
 @pytest.fixture(scope="module")
 def fuzz_server(embedder, tmp_path_factory) -> Iterator[LiveServer]:
-    engine = build_engine(EngineConfig(max_model_len=96))
+    engine = build_engine(EngineConfig(max_model_len=64))
     knowledge = KnowledgeService(KnowledgeConfig(knowledge_dir=str(tmp_path_factory.mktemp("fuzz-kb"))), embedder)
     # conversations kept, so the history routes are fuzzed against a real database, not their 404
     history = HistoryService(HistoryConfig(), f"sqlite:///{tmp_path_factory.mktemp('fuzz-history') / 'h.db'}")
     history.start()
-    chat = ChatService(engine, knowledge, history=history)
+    chat = ChatService(engine, knowledge, history=history, limits=ChatLimits(default_max_new_tokens=16))
     yield from serve(chat, None, knowledge=knowledge)
     chat.shutdown()
     history.shutdown()
