@@ -81,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     engine = build_engine(EngineConfig(prefix_cache_tokens=0, precision=args.precision, max_num_seqs=max(32, args.batch)))
-    model, pad_id = engine._model, engine._pad_id
+    model, pad_id = engine._model, engine._tokenizer.pad_token_id or engine._tokenizer.eos_token_id or 0
     prompts = _prompts(engine, args.batch)
     texts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     run_engine(engine, texts[:2], 4)  # warm-up

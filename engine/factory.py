@@ -26,7 +26,8 @@ ENGINE_KEY_ENV = "CHATLLM_ENGINE_API_KEY"
 
 def _build_transformers(config: EngineConfig, source: ModelSource) -> Engine:
     from engine.prefix_cache import PrefixCache
-    from engine.transformers_backend import BatchLimits, TransformersEngine
+    from engine.sequences import BatchLimits
+    from engine.transformers_backend import TransformersEngine
 
     if config.max_prefill_tokens < 1:
         raise ModelLoadError(f"--max-prefill-tokens must be at least 1 (got {config.max_prefill_tokens})")

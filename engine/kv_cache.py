@@ -53,9 +53,20 @@ class GrowingLayer(DynamicLayer):
         layer.keys, layer.values = keys[:, :, :filled], values[:, :, :filled]
         return layer
 
-    def select_rows(self, index: torch.Tensor) -> "GrowingLayer":
-        """These rows only, spare room included: one copy, and the next step still appends in place."""
-        return GrowingLayer.holding(self._keys.index_select(0, index), self._values.index_select(0, index), self._filled)
+    def spare(self) -> int:
+        """Columns the buffer can still take before it must grow (a copy of every row)."""
+        return 0 if not self.is_initialized or self._keys is None else self._keys.shape[-2] - self._filled
+
+    def put_rows(self, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write these rows' keys and values, right-aligned, into rows `index` (free slots); zeros in front.
+
+        The zeros matter: a free slot's old columns may hold anything, and attention
+        gives masked columns weight 0, but 0 x NaN is NaN.
+        """
+        filled, width = self._filled, keys.shape[-2]
+        for buffer, source in ((self._keys, keys), (self._values, values)):
+            buffer[index, :, :filled - width] = 0
+            buffer[index, :, filled - width:filled] = source
 
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
         capacity = with_spare_room(needed)
@@ -83,20 +94,20 @@ def with_spare_room(needed: int) -> int:
     return needed + max(MIN_SPARE, needed // 4)
 
 
-def stacked(parts: Sequence[GrowingLayer], width: int) -> GrowingLayer:
-    """The parts' rows in one layer `width` columns wide, each right-aligned (left padding), copied once.
+def stacked(pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int) -> GrowingLayer:
+    """The pieces' rows (keys, values [rows, heads, cols, dim], views) in one layer `width` columns wide, each
+    right-aligned (left padding), copied once into a buffer with room to grow.
 
     The padding is zeros, not whatever the memory held: attention gives it weight 0, and 0 x NaN is NaN.
     """
-    first = parts[0].keys
-    rows = sum(p.keys.shape[0] for p in parts)
-    values_dim = parts[0].values.shape[-1]
-    keys = first.new_empty((rows, first.shape[1], with_spare_room(width), first.shape[-1]))
-    values = first.new_empty((rows, first.shape[1], with_spare_room(width), values_dim))
+    first_keys, first_values = pieces[0]
+    rows = sum(k.shape[0] for k, _ in pieces)
+    keys = first_keys.new_empty((rows, first_keys.shape[1], with_spare_room(width), first_keys.shape[-1]))
+    values = first_values.new_empty((rows, first_values.shape[1], with_spare_room(width), first_values.shape[-1]))
     row = 0
-    for part in parts:
-        n, filled = part.keys.shape[0], part.keys.shape[-2]
-        for buffer, source in ((keys, part.keys), (values, part.values)):
+    for piece in pieces:
+        n, filled = piece[0].shape[0], piece[0].shape[-2]
+        for buffer, source in zip((keys, values), piece):
             buffer[row:row + n, :, :width - filled].zero_()
             buffer[row:row + n, :, width - filled:width] = source
         row += n

@@ -41,7 +41,7 @@ def _long_messages(tag: str):
 def test_long_prompt_answer_is_the_same_read_whole_or_in_chunks(engine, limits, monkeypatch):
     assert engine.count_prompt_tokens(_long_messages("same")) > 2000
     # as with --prefix-cache-tokens 0: the second read must not come from the first one's KV
-    monkeypatch.setattr(engine, "_prefixes", PrefixCache(0))
+    monkeypatch.setattr(engine._scheduler, "prefixes", PrefixCache(0))
     limits(max_prefill_tokens=100_000)
     whole = asyncio.run(_collect(engine, _long_messages("same"), GREEDY))
     limits(max_prefill_tokens=200)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import torch
 
@@ -72,3 +73,42 @@ def test_a_top_p_too_small_for_float32_still_keeps_the_best_token():
     for top_k in (0, 2):
         tokens = sample_batch(logits, [SamplingParams(top_p=5e-324, top_k=top_k, temperature=1.0)], [make_generator(0)])
         assert tokens == [1]
+
+
+async def test_a_forward_pass_that_fails_for_one_request_fails_that_request_only(engine, monkeypatch, caplog):
+    """A pass that raises on one request's tokens (as a kernel may on odd input): the one-pass step is rolled
+    back and rerun part by part, a joint prefill one request at a time; the running stream and the
+    newcomers beside it answer exactly as alone."""
+    tokenizer = engine._tokenizer
+    prompts = ["What is the capital of France?", "Name three colors.", "What is 2 + 2?"]
+    poison = tokenizer.encode("⁂", add_special_tokens=False)[-1]
+    assert all(poison not in tokenizer.encode(p) for p in prompts + ["Tell me a story."])
+    long_params = SamplingParams(max_new_tokens=60, do_sample=False)
+    solo = [await _answer(engine, p, GREEDY, f"fwd-solo-{i}") for i, p in enumerate(prompts)]
+    solo_long = await _answer(engine, "Tell me a story.", long_params, "fwd-solo-long")
+
+    embed = engine._model.model.embed_tokens
+    original = embed.forward
+
+    def failing_on_poison(input_ids):
+        if bool((input_ids == poison).any()):
+            raise RuntimeError("injected failure")
+        return original(input_ids)
+
+    monkeypatch.setattr(embed, "forward", failing_on_poison)
+    with caplog.at_level(logging.DEBUG, logger="engine"):
+        running = asyncio.ensure_future(_answer(engine, "Tell me a story.", long_params, "fwd-long"))
+        while engine.health()["running"] == 0:  # newcomers join while it decodes
+            await asyncio.sleep(0.01)
+        newcomers = [_answer(engine, p, GREEDY, f"fwd-normal-{i}") for i, p in enumerate(prompts)]
+        poisoned = [_answer(engine, f"Say ⁂ {i}", GREEDY, f"fwd-poison-{i}") for i in range(3)]
+        results = await asyncio.gather(*newcomers, *poisoned, return_exceptions=True)
+        story = await running
+
+    assert results[:3] == solo and story == solo_long
+    assert all(isinstance(r, EngineError) and "other requests are not affected" in str(r) for r in results[3:]), results
+    assert "one-pass step failed" in caplog.text
+    joint = [r.args[1] for r in caplog.records if r.msg.startswith("admitting") and r.args[0] > 1]
+    if any("fwd-poison" in ids for ids in joint):  # a poisoned prompt was read together with others
+        assert "a joint pass failed" in caplog.text
+    assert await _answer(engine, prompts[0], GREEDY, "fwd-after") == solo[0]
