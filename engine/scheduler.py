@@ -128,7 +128,10 @@ class Scheduler:
         return parts
 
     def _decode_part(self, batch: RunningBatch) -> Part:
-        batch.tidy()
+        try:
+            batch.tidy()
+        except Exception as exc:  # only a saving: the batch is unchanged, its free slots ride along
+            log.warning("could not compact a batch of %d rows: %r", len(batch), exc)
         live, rows = batch.live(), batch.rows
         inputs = batch.step_inputs([s.last_token if s is not None else self._pad_id for s in batch.slots])
         # free slots are computed too (cheaper than a copy to drop them); their logits are not sampled
