@@ -42,6 +42,10 @@ OURS = "chatllm-webui"
 _END = object()  # the engine's stream ended normally
 DRAIN_S = 2.0  # how long a finished answer's last bytes may take before its connection is dropped instead
 KEEPALIVE_S = 3.0  # idle pooled connections expire before the usual 5 s server keep-alive
+# httpcore scans its whole pool, twice nested, whenever a request starts or ends: with 32 streams at once that
+# scan was a quarter of the front's CPU per request. Streams are spread over this many small pools instead,
+# each to the least busy (the first when idle, so that one-at-a-time traffic keeps reusing one connection).
+POOLS = 16
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,9 @@ class RemoteEngine(Engine):
         self._lists_models = facts.lists_models
         self.process = None  # the supervised engine process (--backend vllm), stopped with this engine
         self._headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
-        self._client: Optional[httpx.AsyncClient] = None
+        self._clients: list[httpx.AsyncClient] = []
         self._client_loop: Optional[asyncio.AbstractEventLoop] = None
+        self._in_flight = [0] * POOLS  # exchanges per client, counted on the event loop
         self._sync = httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), headers=self._headers)
         self._live: dict[str, asyncio.Future] = {}  # request id -> its exchange with the engine
         self._draining: set[asyncio.Future] = set()  # finished exchanges reading their last bytes
@@ -203,18 +208,23 @@ class RemoteEngine(Engine):
 
     # ---- streaming -----------------------------------------------------------------------
 
-    def _http(self) -> httpx.AsyncClient:
-        # a client belongs to the event loop that first used it
+    def _http(self, index: int = 0) -> httpx.AsyncClient:
+        # clients belong to the event loop that first used them
         loop = asyncio.get_running_loop()
-        if self._client is None or self._client_loop is not loop:
-            self._client = httpx.AsyncClient(
+        if not self._clients or self._client_loop is not loop:
+            # one TLS context for all of them: each of its own would read the CA bundle again (25 ms)
+            tls = httpx.create_ssl_context()  # what each client would make: CA bundle, SSL_CERT_FILE honoured
+            self._clients = [httpx.AsyncClient(
+                verify=tls,
                 timeout=httpx.Timeout(self.settings.timeout, connect=5.0),
                 # idle connections are dropped before the servers' own 5 s keep-alive (uvicorn, llama.cpp's
                 # cpp-httplib) would close them under a request just sent on one
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=KEEPALIVE_S),
-            )
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256 // POOLS,
+                                    keepalive_expiry=KEEPALIVE_S),
+            ) for _ in range(POOLS)]
             self._client_loop = loop
-        return self._client
+            self._in_flight = [0] * POOLS
+        return self._clients[index]
 
     def _payload(self, path_body: dict, params: SamplingParams) -> dict:
         sampling, ignored = sampling_body(params, self.supported)
@@ -297,8 +307,11 @@ class RemoteEngine(Engine):
         the connection included: the connection would stay open and the engine
         would generate for nobody. Cancelling this task closes it properly.
         """
+        index = min(range(POOLS), key=self._in_flight.__getitem__)
+        client = self._http(index)
+        self._in_flight[index] += 1
         try:
-            async with self._http().stream("POST", url, json=body, headers=self._headers) as response:
+            async with client.stream("POST", url, json=body, headers=self._headers) as response:
                 if response.status_code != 200:
                     raise error_for_status(response.status_code, _error_text(await response.aread()), self.settings.url)
                 self._mark_up()
@@ -316,6 +329,8 @@ class RemoteEngine(Engine):
             raise
         except BaseException as exc:  # handed to the consumer, who decides on retries
             events.put_nowait(exc)
+        finally:
+            self._in_flight[index] = max(0, self._in_flight[index] - 1)  # (reset if the loop changed meanwhile)
 
     def _failure(self, exc: BaseException) -> BaseException:
         if isinstance(exc, httpx.TransportError):
