@@ -10,7 +10,6 @@ response at once, which is how those servers learn a client has gone.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import threading
@@ -29,6 +28,7 @@ from engine.remote_errors import (
     error_for_status,
     explain_transport_error,
 )
+from engine.remote_stream import drain, error_text, mapped_finish_reason, parse_event, sse_events
 from engine.types import ChatMessage, EngineOverloadedError, GenerationChunk, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class RemoteEngine(Engine):
             self._mark_down(explain_transport_error(self.settings.url, exc))
             raise EngineUnavailableError(self._last_error) from None
         if response.status_code != 200:
-            raise error_for_status(response.status_code, _error_text(response.content), self.settings.url)
+            raise error_for_status(response.status_code, error_text(response.content), self.settings.url)
         return int(response.json()["count"])
 
     def abort(self, request_id: str) -> None:
@@ -258,7 +258,7 @@ class RemoteEngine(Engine):
                     while (event := await events.get()) is not _END:
                         if isinstance(event, BaseException):
                             raise event
-                        delta, finish, event_usage = _parse_event(event, chat)
+                        delta, finish, event_usage = parse_event(event, chat)
                         if event_usage is not None:
                             usage = event_usage
                         if delta:
@@ -287,7 +287,7 @@ class RemoteEngine(Engine):
             self._stats["tokens_generated"] += usage.completion_tokens
             self._prefix["query_tokens"] += usage.prompt_tokens
             self._prefix["hit_tokens"] += usage.cached_tokens
-            yield GenerationChunk(delta="", finish_reason=_finish_reason(finish), usage=usage)
+            yield GenerationChunk(delta="", finish_reason=mapped_finish_reason(finish), usage=usage)
         except (EngineRejectedError, EngineOverloadedError):
             raise
         except (GeneratorExit, asyncio.CancelledError):
@@ -313,16 +313,16 @@ class RemoteEngine(Engine):
         try:
             async with client.stream("POST", url, json=body, headers=self._headers) as response:
                 if response.status_code != 200:
-                    raise error_for_status(response.status_code, _error_text(await response.aread()), self.settings.url)
+                    raise error_for_status(response.status_code, error_text(await response.aread()), self.settings.url)
                 self._mark_up()
                 lines = response.aiter_lines()
-                async for event in _sse_events(lines):
+                async for event in sse_events(lines):
                     events.put_nowait(event)
                 events.put_nowait(_END)  # the answer is whole: its consumer goes on now
                 # the body ends right after [DONE]; read to that end, the connection goes back to the pool
                 # (closed with bytes unread, it would be closed, and every request would open a new one)
                 try:
-                    await asyncio.wait_for(_drain(lines), DRAIN_S)
+                    await asyncio.wait_for(drain(lines), DRAIN_S)
                 except (asyncio.TimeoutError, httpx.HTTPError):
                     pass  # a server that keeps the body open: this connection is closed, nothing else changes
         except asyncio.CancelledError:
@@ -352,63 +352,3 @@ class RemoteEngine(Engine):
         if not self._ready:
             log.info("the inference engine at %s answers again", self.settings.url)
         self._ready = True
-
-
-async def _drain(lines: AsyncIterator[str]) -> None:
-    async for _ in lines:
-        pass
-
-
-async def _sse_events(lines: AsyncIterator[str]) -> AsyncIterator[dict]:
-    """Events up to `[DONE]`; `lines` is left where that was, for the caller to read to its end."""
-    async for line in lines:
-        if not line.startswith("data:"):
-            continue  # comments, keep-alives, event names
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        try:
-            event = json.loads(data)
-        except ValueError:
-            raise EngineUpstreamError(f"the inference engine sent a stream event that is not JSON: {data[:200]!r}") from None
-        if isinstance(event, dict) and "error" in event:
-            raise EngineUpstreamError(f"the inference engine failed mid-answer: {_message_of(event)}")
-        if isinstance(event, dict):
-            yield event
-
-
-def _parse_event(event: dict, chat: bool) -> tuple[str, Optional[str], Optional[Usage]]:
-    usage = None
-    if isinstance(event.get("usage"), dict):
-        u = event["usage"]
-        details = u.get("prompt_tokens_details") if isinstance(u.get("prompt_tokens_details"), dict) else {}
-        usage = Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0),
-                      int(details.get("cached_tokens") or 0))
-    choices = event.get("choices") or []
-    if not choices:
-        return "", None, usage
-    choice = choices[0]
-    delta = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-    return delta or "", choice.get("finish_reason"), usage
-
-
-def _finish_reason(remote: Optional[str]):
-    return "length" if remote == "length" else "stop"
-
-
-def _message_of(body) -> str:
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        if isinstance(error, dict):
-            return str(error.get("message") or error.get("detail") or error)[:500]
-        if "detail" in body:
-            return str(body["detail"])[:500]
-        return str(error)[:500]
-    return str(body)[:500]
-
-
-def _error_text(content: bytes) -> str:
-    try:
-        return _message_of(json.loads(content))
-    except ValueError:
-        return content.decode("utf-8", "replace")[:500]
