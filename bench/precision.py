@@ -1,14 +1,19 @@
-"""Faster numerics on CPU and what they cost in answers: fp32 vs bf16 vs int8 dynamic quantization.
+"""Faster numerics on CPU and what they cost in answers: fp32 vs fp32 with packed weights vs bf16 vs int8.
 
     .venv/bin/python bench/precision.py                       # every variant, 2 cores
-    .venv/bin/python bench/precision.py --variants fp32 bf16
+    .venv/bin/python bench/precision.py --variants fp32 fp32-packed
 
 For each variant of the embedded model, in this process, one after another:
 - speed: the forward pass of one decode step at 1, 8 and 32 rows (KV of 128
   tokens each), and a 256-token prefill, median of several runs;
 - quality: greedy answers (48 tokens) to a fixed set of 24 chat prompts,
   compared token by token with fp32's: how many are identical, and the mean
-  share of the answer that agrees before the first difference.
+  share of the answer that agrees before the first difference; once one
+  prompt at a time and once in batches of 8 (left-padded), where every
+  product has 8 rows (the batch sizes a server runs at).
+
+`fp32` is the stock product (`--packed-weights off`); `fp32-packed` keeps
+MKL's packed weights (`--packed-weights on`, the CPU default).
 
 Greedy agreement is the strictest check there is: one flipped near-tie
 changes the rest of the answer, so "not identical" does not mean "worse".
@@ -49,7 +54,8 @@ ANSWER_TOKENS = 48
 
 def load(variant: str):
     precision = "bf16" if variant == "bf16" else "fp32"
-    model, tokenizer, _ = load_model(embedded_model_source(), EngineConfig(precision=precision))
+    config = EngineConfig(precision=precision, packed_weights="on" if variant == "fp32-packed" else "off")
+    model, tokenizer, _ = load_model(embedded_model_source(), config)
     if variant == "int8":
         from engine.loader import quantize_int8
 
@@ -66,6 +72,21 @@ def greedy_answers(model, tokenizer) -> list[list[int]]:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=ANSWER_TOKENS, do_sample=False,
                              pad_token_id=tokenizer.eos_token_id)
         answers.append(out[0, ids.shape[1]:].tolist())
+    return answers
+
+
+@torch.inference_mode()
+def batched_greedy_answers(model, tokenizer, batch: int = 8) -> list[list[int]]:
+    builder = PromptBuilder(tokenizer, None, [tokenizer.eos_token_id])
+    answers = []
+    for start in range(0, len(PROMPTS), batch):
+        encoded = [builder.encode_chat([ChatMessage("user", p)]) for p in PROMPTS[start:start + batch]]
+        width = max(len(ids) for ids in encoded)
+        ids = torch.tensor([[tokenizer.eos_token_id] * (width - len(e)) + e for e in encoded])
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=ANSWER_TOKENS, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+        answers += [row[width:].tolist() for row in out]
     return answers
 
 
@@ -111,19 +132,21 @@ def agreement(reference: list[list[int]], answers: list[list[int]]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["fp32", "bf16", "int8"])
+    parser.add_argument("--variants", nargs="+", default=["fp32", "fp32-packed", "bf16", "int8"])
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    report, reference = {"threads": torch.get_num_threads(), "variants": {}}, None
+    report, reference, batched_reference = {"threads": torch.get_num_threads(), "variants": {}}, None, None
     for variant in args.variants:
         model, tokenizer = load(variant)
         answers = greedy_answers(model, tokenizer)
+        batched = batched_greedy_answers(model, tokenizer)
         if reference is None:
-            reference = answers
+            reference, batched_reference = answers, batched
         row = {
             "decode_step_ms": {rows: round(step_times(model, rows) * 1000, 1) for rows in (1, 8, 32)},
             "prefill_256_ms": round(prefill_time(model) * 1000, 1),
             "vs_first_variant": agreement(reference, answers),
+            "vs_first_variant_batched_8": agreement(batched_reference, batched),
             "sample_answer": tokenizer.decode(answers[0]),
         }
         print(variant, json.dumps(row), flush=True)

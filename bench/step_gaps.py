@@ -5,9 +5,10 @@
 
 Each client sends 3 requests one after the other (unique prompts, 96 tokens,
 ignore_eos, temperature 0.8, top_p 0.95); clients start 4 s / N apart, so
-newcomers arrive while the others decode. Prints chunks/s and the p50/p99
-gap between one stream's consecutive chunks: the engine's part of ITL,
-without the HTTP side's noise.
+newcomers arrive while the others decode. Prints chunks/s, the p50/p99
+gap between one stream's consecutive chunks (the engine's part of ITL) and
+the p50 time to a request's first chunk, alone and with the others running
+(the engine's part of TTFT), without the HTTP side's noise.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main() -> None:
     engine = build_engine(EngineConfig(fused_step=args.fused_step))
     params = SamplingParams(max_new_tokens=96, temperature=0.8, top_p=0.95, ignore_eos=True)
     gaps: list[float] = []
+    ttfts: list[float] = []
     chunks = 0
 
     async def client(number: int, stagger: float) -> None:
@@ -47,15 +49,19 @@ def main() -> None:
         for r in range(args.rounds):
             messages = [ChatMessage("system", "You are a helpful assistant."),
                         ChatMessage("user", f"(Request {args.streams}-{number}-{r}.) {PROMPTS[(number + r) % len(PROMPTS)]}")]
-            last = None
+            last = sent = time.perf_counter()
             async for _ in engine.generate(messages, params, f"gaps-{number}-{r}"):
                 now = time.perf_counter()
-                if last is not None:
+                if last is not sent:
                     gaps.append(now - last)
+                else:
+                    ttfts.append(now - sent)
                 last, chunks = now, chunks + 1
 
-    asyncio.run(client(0, 0))  # warm-up
+    asyncio.run(client(0, 0))  # warm-up, then the same client alone: TTFT alone
+    alone = ttfts[1:]
     gaps.clear()
+    ttfts.clear()
     chunks = 0
 
     async def everyone() -> None:
@@ -65,7 +71,8 @@ def main() -> None:
     asyncio.run(everyone())
     elapsed = time.perf_counter() - started
     print(f"streams {args.streams}, --fused-step {args.fused_step}: {chunks / elapsed:.1f} chunks/s, "
-          f"gap p50 {percentile(gaps, 0.5) * 1000:.1f} ms, p99 {percentile(gaps, 0.99) * 1000:.1f} ms")
+          f"gap p50 {percentile(gaps, 0.5) * 1000:.1f} ms, p99 {percentile(gaps, 0.99) * 1000:.1f} ms; "
+          f"first chunk p50 {percentile(ttfts, 0.5) * 1000:.1f} ms (alone {percentile(alone, 0.5) * 1000:.1f} ms)")
     engine.shutdown()
 
 

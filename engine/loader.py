@@ -123,6 +123,8 @@ def load_model(source: ModelSource, config: EngineConfig):
 
     A GGUF file is read through its converted copy (engine/gguf_cache.py), which loads in under a second.
     """
+    import torch
+
     device = pick_device(config.device)
     dtype = pick_dtype(config.precision, device, gguf=bool(source.gguf_file))
     log.info("loading %s on %s as %s ...", source.description, device, str(dtype).removeprefix("torch."))
@@ -143,8 +145,29 @@ def load_model(source: ModelSource, config: EngineConfig):
     model.eval()
     if config.precision == "int8":
         model = quantize_int8(model)
+    elif device == "cpu" and dtype == torch.float32:
+        _pack_weights(model, config)
     log.info("model loaded in %.1f s", time.monotonic() - started)
     return model, tokenizer, device
+
+
+def _pack_weights(model, config: EngineConfig) -> None:
+    import torch
+
+    from engine import packed_linear
+    from engine.passing_thread import run_in_passing_thread
+
+    if config.packed_weights == "off":
+        return
+    linear_bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is torch.nn.Linear)
+    if config.packed_weights == "auto" and linear_bytes > config.packed_weights_max_gb * 2**30:
+        log.info("Linear weights of %.1f GB are over --packed-weights-max-gb; products repack them per call",
+                 linear_bytes / 2**30)
+        return
+    # checking the packed products runs torch work; the main thread must not (engine/passing_thread.py)
+    count = run_in_passing_thread(lambda: packed_linear.pack_linears(model), "pack-weights")
+    if count:
+        log.info("%d Linear layers packed for MKL (--packed-weights)", count)
 
 
 def _from_pretrained(location: str, extra: dict, dtype, config: EngineConfig, source: ModelSource):

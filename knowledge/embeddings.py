@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from langchain_core.embeddings import Embeddings
 
+from engine.passing_thread import run_in_passing_thread
 from engine.text import utf8_safe
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,9 @@ class SentenceEmbedder(Embedder):
         out = []
         for start in range(0, len(texts), self.batch_size):
             batch = list(texts[start : start + self.batch_size])
-            out.append(self._model.encode(batch, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False))
+            # torch's thread pool must not outlive the call in a long-lived thread (engine/passing_thread.py)
+            out.append(run_in_passing_thread(lambda: self._model.encode(
+                batch, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False), "embed"))
             if progress:
                 progress(len(batch))
         if not out:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+import inspect
+
 import httpx
 import pytest
 
@@ -23,6 +25,7 @@ from api.config import ServerConfig  # noqa: E402
 from chat import ChatService  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.factory import build_engine  # noqa: E402
+from engine.passing_thread import run_in_passing_thread  # noqa: E402
 from knowledge.config import KnowledgeConfig  # noqa: E402
 from knowledge.embeddings import Embedder, build_embedder  # noqa: E402
 from knowledge.service import KnowledgeService  # noqa: E402
@@ -34,6 +37,21 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 ARTIFACTS = ROOT / "tests" / "artifacts"
 RAG_DEV = ROOT.parent / "shared" / "rag-dev"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """Tests marked `torch_side_thread` run their body in a thread that then ends.
+
+    A test that runs the model or a product in pytest's main thread leaves
+    torch's OpenMP helpers alive for the rest of the session, and from then on
+    the shared engine's worker ran every step ~1.6x slower
+    (engine/passing_thread.py)."""
+    if pyfuncitem.get_closest_marker("torch_side_thread") is None or inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    arguments = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    run_in_passing_thread(lambda: pyfuncitem.obj(**arguments), "test-torch-work")
+    return True
 
 
 def free_port() -> int:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine.batch import RunningBatch, prefill_inputs
 from engine.kv_cache import GrowingCache
+
+# runs the model in the test itself: in a thread that ends (conftest.py)
+pytestmark = pytest.mark.torch_side_thread
 
 
 class _Row:

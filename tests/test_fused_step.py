@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
 from engine.batch import RunningBatch, prefill_inputs
 from engine.fused_forward import FusedForward, Group
 from engine.kv_cache import GrowingCache
 from engine.types import ChatMessage, SamplingParams
+
+# runs the model in the test itself: in a thread that ends (conftest.py)
+pytestmark = pytest.mark.torch_side_thread
 
 
 class _Row:

@@ -7,11 +7,15 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import pytest
 import torch
 
 from engine import gguf_cache
 from engine.config import EngineConfig
 from engine.loader import embedded_model_source, load_model
+
+# runs the model in the test itself: in a thread that ends (conftest.py)
+pytestmark = pytest.mark.torch_side_thread
 
 
 def _gguf_reference(path: Path) -> dict:
