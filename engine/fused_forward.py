@@ -68,7 +68,8 @@ class FusedForward:
         embedded = [body.embed_tokens(g.input_ids) for g in groups]
         hidden = torch.cat([e.reshape(-1, e.shape[-1]) for e in embedded])
         rotary = [body.rotary_emb(e, g.position_ids) for e, g in zip(embedded, groups)]
-        masks = [_attention_mask(g) for g in groups]
+        # made additive once per pass: sdpa would otherwise turn a boolean mask into one in every layer
+        masks = [_additive(_attention_mask(g), hidden.dtype) for g in groups]
         for index, layer in enumerate(body.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
@@ -116,6 +117,10 @@ def _attention_mask(group: Group) -> torch.Tensor:
     allowed = causal.unsqueeze(0) & group.attention_mask.bool().unsqueeze(1)  # [B, L, total]
     allowed |= (keys.unsqueeze(0) == queries.unsqueeze(1)).unsqueeze(0)
     return allowed.unsqueeze(1)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def rollback(cache, filled: list[int]) -> None:

@@ -38,10 +38,10 @@ class RowRange:
 
 
 # measured on the 2-core development machine (bench/README.md, "Round 5"): one row is a
-# matrix-vector product MKL does not repack; the wide output layer gains up to ~24 rows
-# and loses past ~32, where sgemm's own packing is paid back
+# matrix-vector product MKL does not repack; the wide output layer gains up to 32 rows
+# (12.4 -> 10.2 ms) and loses from 36 on, where sgemm's own packing is paid back
 LAYER_ROWS = RowRange(2, 4096)
-WIDE_ROWS = RowRange(2, 24)
+WIDE_ROWS = RowRange(2, 32)
 WIDE_OUTPUTS = 8192
 
 
