@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import sys
@@ -10,8 +11,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
-
-import inspect
 
 import httpx
 import pytest
