@@ -64,6 +64,8 @@ class PackedLinear(torch.nn.Module):
             # an opaque MKL buffer: kept as a plain attribute, not a parameter or buffer, so
             # state_dict, .to() and parameter counts see only the real weight
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), PACK_ROWS)
+        # the overload resolved once: forward runs ~200 times a decode step
+        self._product = torch.ops.mkl._mkl_linear.default
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features if self.in_features else 0
@@ -71,7 +73,7 @@ class PackedLinear(torch.nn.Module):
                 (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features)
-        out = torch.ops.mkl._mkl_linear(flat, self.packed, self.weight, self.bias, rows)
+        out = self._product(flat, self.packed, self.weight, self.bias, rows)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
