@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.server_process import ROOT  # noqa: E402
+from engine.batch import prefill_inputs  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.loader import embedded_model_source, load_model  # noqa: E402
 from engine.prompting import PromptBuilder  # noqa: E402
@@ -81,11 +82,10 @@ def batched_greedy_answers(model, tokenizer, batch: int = 8) -> list[list[int]]:
     answers = []
     for start in range(0, len(PROMPTS), batch):
         encoded = [builder.encode_chat([ChatMessage("user", p)]) for p in PROMPTS[start:start + batch]]
-        width = max(len(ids) for ids in encoded)
-        ids = torch.tensor([[tokenizer.eos_token_id] * (width - len(e)) + e for e in encoded])
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=ANSWER_TOKENS, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id)
+        inputs = prefill_inputs(encoded, tokenizer.eos_token_id, "cpu")  # left-padded, as the runner pads
+        width = inputs["input_ids"].shape[1]
+        out = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=ANSWER_TOKENS,
+                             do_sample=False, pad_token_id=tokenizer.eos_token_id)
         answers += [row[width:].tolist() for row in out]
     return answers
 
