@@ -1,7 +1,7 @@
 """Faster numerics on CPU and what they cost in answers: fp32 vs fp32 with packed weights vs bf16 vs int8.
 
     .venv/bin/python bench/precision.py                       # every variant, 2 cores
-    .venv/bin/python bench/precision.py --variants fp32 fp32-packed
+    .venv/bin/python bench/precision.py --variants fp32 fp32-packed fp32-mkl fp32-onednn
 
 For each variant of the embedded model, in this process, one after another:
 - speed: the forward pass of one decode step at 1, 8 and 32 rows (KV of 128
@@ -13,7 +13,9 @@ For each variant of the embedded model, in this process, one after another:
   product has 8 rows (the batch sizes a server runs at).
 
 `fp32` is the stock product (`--packed-weights off`); `fp32-packed` keeps
-MKL's packed weights (`--packed-weights on`, the CPU default).
+packed weights (`--packed-weights on`, the CPU default), each shape on the
+product measured fastest at load; `fp32-mkl` and `fp32-onednn` force one
+library's packed product (`--packed-kernel`).
 
 Greedy agreement is the strictest check there is: one flipped near-tie
 changes the rest of the answer, so "not identical" does not mean "worse".
@@ -55,7 +57,8 @@ ANSWER_TOKENS = 48
 
 def load(variant: str):
     precision = "bf16" if variant == "bf16" else "fp32"
-    config = EngineConfig(precision=precision, packed_weights="on" if variant == "fp32-packed" else "off")
+    kernel = {"fp32-packed": "auto", "fp32-mkl": "mkl", "fp32-onednn": "onednn"}.get(variant)
+    config = EngineConfig(precision=precision, packed_weights="on" if kernel else "off", packed_kernel=kernel or "auto")
     model, tokenizer, _ = load_model(embedded_model_source(), config)
     if variant == "int8":
         from engine.loader import quantize_int8

@@ -38,11 +38,19 @@ class EngineConfig:
     packed_weights: str = field(
         default="auto",
         metadata={
-            "help": "fp32 on CPU: keep each Linear weight packed once in MKL's layout instead of repacking it on "
+            "help": "fp32 on CPU: keep each Linear weight packed once in MKL's or oneDNN's layout instead of repacking it on "
                     "every product (an 8-row decode step a fifth faster; the last bits of small products move by ~1e-6; "
                     "costs about twice the Linear weights' size in memory); auto = on for fp32 on CPU when the "
                     "Linear weights are at most --packed-weights-max-gb",
             "choices": ["auto", "on", "off"],
+        },
+    )
+    packed_kernel: str = field(
+        default="auto",
+        metadata={
+            "help": "--packed-weights: which library's packed product; auto = for each weight shape the fastest of "
+                    "MKL's, oneDNN's and the stock one, measured at load per bucket of row counts (a second or two)",
+            "choices": ["auto", "mkl", "onednn"],
         },
     )
     packed_weights_max_gb: float = field(

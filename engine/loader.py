@@ -165,9 +165,11 @@ def _pack_weights(model, config: EngineConfig) -> None:
                  linear_bytes / 2**30)
         return
     # checking the packed products runs torch work; the main thread must not (engine/passing_thread.py)
-    count = run_in_passing_thread(lambda: packed_linear.pack_linears(model), "pack-weights")
+    started = time.monotonic()
+    count = run_in_passing_thread(lambda: packed_linear.pack_linears(model, config.packed_kernel), "pack-weights")
     if count:
-        log.info("%d Linear layers packed for MKL (--packed-weights)", count)
+        log.info("%d Linear layers packed in %.1f s (--packed-weights, --packed-kernel %s)",
+                 count, time.monotonic() - started, config.packed_kernel)
 
 
 def _from_pretrained(location: str, extra: dict, dtype, config: EngineConfig, source: ModelSource):
