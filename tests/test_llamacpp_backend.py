@@ -26,6 +26,7 @@ from history import HistoryConfig, HistoryService
 from metrics.registry import Metrics
 from tests.conftest import serve
 from tests.eas_clients import get_streaming_response, post_http_request
+from tests.test_webui_browser import _settled
 
 QUESTION = "What is the capital of France?"
 MODEL = "SmolLM2-135M-Instruct"
@@ -238,28 +239,16 @@ def test_the_webui_chats_through_llamacpp(llama, browser, artifacts):
             before = page.locator(bot).count()
             page.fill("#chat-input textarea", QUESTION)
             page.press("#chat-input textarea", "Enter")  # the sliders untouched: the model's default sampling
-            page.wait_for_function(f"() => document.querySelectorAll('{bot}').length > {before}", timeout=60_000)
-            answers.append(_settled_reply(page, bot, before))
+            # a new bubble with text in it: the answer has begun (the details line follows it when done)
+            page.wait_for_function(f"() => {{ const b = document.querySelectorAll('{bot}');"
+                                   f" return b.length > {before} && b[{before}].innerText.trim().length > 0; }}", timeout=60_000)
+            answers.append("\n".join(_settled(page)[before:]))
             if "paris" in answers[-1].lower():
                 break
     finally:
         page.screenshot(path=artifacts / "llamacpp-webui.png", full_page=True)
         context.close()
     assert "paris" in answers[-1].lower(), answers
-
-
-def _settled_reply(page, selector: str, before: int, quiet: float = 1.5, limit: float = 60.0) -> str:
-    """The text of the bot messages after the first `before` (the answer, then its details line) once it has
-    stopped changing for `quiet` seconds."""
-    last, since, deadline = None, time.monotonic(), time.monotonic() + limit
-    while time.monotonic() < deadline:
-        now = "\n".join(page.locator(selector).all_inner_texts()[before:])
-        if now != last:
-            last, since = now, time.monotonic()
-        elif now.strip() and time.monotonic() - since >= quiet:
-            break
-        time.sleep(0.1)
-    return last or ""
 
 
 def test_a_crashed_llamacpp_is_restarted_and_serves_again(llama, llama_engine):
