@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling import NUCLEUS_PROBE, _candidates, apply_repetition_penalty, filter_top_k_top_p, make_generator, sample_batch
+from engine.sampling import NUCLEUS_PROBE, apply_repetition_penalty, candidates, draw, filter_top_k_top_p, make_generator, sample_batch
 from engine.types import SamplingParams
 
 
@@ -55,17 +55,36 @@ def test_batch_rows_use_their_own_sampling_settings():
 def test_candidate_search_matches_the_full_sort():
     torch.manual_seed(0)
     vocab = 8 * NUCLEUS_PROBE
-    sharp = torch.randn(4, vocab) * 6  # nucleus inside the probed candidates
-    flat = torch.randn(4, vocab) * 0.5  # nucleus wider than the probe: the full-sort fallback
+    sharp = torch.randn(4, vocab) * 6  # nucleus inside the first probe
+    flat = torch.randn(4, vocab) * 0.5  # nucleus wider than the probes: the full-sort fallback
     rows = torch.cat([sharp, flat])
     top_k = torch.tensor([0, 0, 40, 5, 0, 0, 3000, 0])
     top_p = torch.tensor([0.95, 0.5, 0.9, 1.0, 0.95, 0.999, 0.8, 0.2])
     reference = filter_top_k_top_p(rows, top_k, top_p)
-    for i, (probs, ids) in enumerate(_candidates(rows, top_k, top_p)):
-        allowed = torch.nonzero(torch.isfinite(reference[i])).flatten()
-        assert sorted(ids.tolist()) == sorted(allowed.tolist()), f"row {i}"
-        assert torch.allclose(probs, reference[i].softmax(-1)[ids], atol=1e-6)
-    assert len(_candidates(rows, top_k, top_p)[5][1]) > NUCLEUS_PROBE  # the fallback really ran
+    blocks = candidates(rows, top_k, top_p)
+    assert sorted(i for b in blocks for i in b.rows) == list(range(8))  # every row exactly once
+    widths = {}
+    for block in blocks:
+        for j, i in enumerate(block.rows):
+            widths[i] = block.ids.shape[1]
+            kept = block.probs[j] > 0
+            allowed = torch.nonzero(torch.isfinite(reference[i])).flatten()
+            assert sorted(block.ids[j][kept].tolist()) == sorted(allowed.tolist()), f"row {i}"
+            share = block.probs[j][kept] / block.probs[j].sum()
+            assert torch.allclose(share, reference[i].softmax(-1)[block.ids[j][kept]], atol=1e-6)
+    assert widths[5] == vocab  # the 0.999 nucleus of a flat row: the full sort really ran
+    assert widths[0] < vocab  # a sharp row was settled without it
+
+
+def test_a_draw_lands_on_allowed_tokens_in_proportion():
+    probs = torch.tensor([[0.5, 0.0, 0.25, 0.25, 0.0]] * 4000)
+    picked = draw(probs, torch.rand(4000, generator=torch.Generator().manual_seed(3)))
+    counts = torch.bincount(picked, minlength=5).tolist()
+    assert counts[1] == counts[4] == 0  # never a zero-weight position, nor past the last allowed one
+    assert abs(counts[0] / 4000 - 0.5) < 0.03 and abs(counts[2] / 4000 - 0.25) < 0.03
+    assert draw(probs[:1], torch.tensor([0.0])).item() == 0 and draw(probs[:1], torch.tensor([0.9999])).item() == 3
+    with pytest.raises(ValueError):
+        draw(torch.tensor([[float("nan"), 1.0]]), torch.tensor([0.5]))
 
 
 def test_top_p_after_top_k_is_measured_over_the_rows_own_k():
