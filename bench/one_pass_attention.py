@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/one_pass_attention.py
 
-In process, embedded model as the server loads it (fp32, packed weights), 2
-threads. For each way of attending one query position per row
+In process, embedded model as the server loads it (fp32, q/k/v and gate/up
+joined, packed weights), 2 threads. For each way of attending one query position per row
 (engine/fused_forward.py `decode_attention`, or the model's own sdpa):
 - speed: one one-pass decode step at 1, 8 and 32 rows with 180 tokens of KV
   per row (the width a 32-stream benchmark runs at), median of 15;

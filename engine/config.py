@@ -155,7 +155,8 @@ class EngineConfig:
         default="auto",
         metadata={"help": "--backend transformers: auto = for Llama-layout models (llama, mistral, qwen2) each scheduler "
                           "iteration (every batch's decode step, newcomers' prompts, a chunk of a long prompt) is one "
-                          "pass over the weights, with attention per batch; off = one forward pass per batch",
+                          "pass over the weights, with attention per batch and q/k/v and gate/up as one product each; "
+                          "off = one forward pass per batch",
                   "choices": ["auto", "off"]},
     )
     prefix_cache_tokens: int = field(

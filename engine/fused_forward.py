@@ -75,7 +75,11 @@ class FusedForward:
         for index, layer in enumerate(body.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
-            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            if hasattr(attn, "qkv_proj"):  # engine/joined_projections.py
+                q, k, v = attn.qkv_proj(x).split(
+                    [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features], -1)
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
             outputs, start = [], 0
             for group, (rows, length), (cos, sin), mask in zip(groups, shapes, rotary, masks):
                 end = start + rows * length
@@ -91,7 +95,7 @@ class FusedForward:
                 outputs.append(out.reshape(rows * length, -1))
                 start = end
             hidden = hidden + attn.o_proj(torch.cat(outputs))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
         # only each row's last position needs the vocabulary projection
         last, start = [], 0
         for rows, length in shapes:
@@ -103,6 +107,13 @@ class FusedForward:
             out.append(logits[start:start + rows])
             start += rows
         return out
+
+
+def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
+    if not hasattr(mlp, "gate_up_proj"):
+        return mlp(x)
+    gate, up = mlp.gate_up_proj(x).chunk(2, -1)
+    return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,

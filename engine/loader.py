@@ -145,10 +145,21 @@ def load_model(source: ModelSource, config: EngineConfig):
     model.eval()
     if config.precision == "int8":
         model = quantize_int8(model)
-    elif device == "cpu" and dtype == torch.float32:
-        _pack_weights(model, config)
+    else:
+        _join_projections(model, config)
+        if device == "cpu" and dtype == torch.float32:
+            _pack_weights(model, config)
     log.info("model loaded in %.1f s", time.monotonic() - started)
     return model, tokenizer, device
+
+
+def _join_projections(model, config: EngineConfig) -> None:
+    """Where the one-pass step will run, q/k/v and gate/up become one product each (engine/joined_projections.py)."""
+    from engine.fused_forward import fusable
+    from engine.joined_projections import join_projections
+
+    if config.backend == "transformers" and config.fused_step != "off" and fusable(model):
+        log.info("%d projection groups joined into single products (--fused-step)", join_projections(model))
 
 
 def _pack_weights(model, config: EngineConfig) -> None:

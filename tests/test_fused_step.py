@@ -78,13 +78,11 @@ def test_one_pass_matches_the_models_forward_alone_and_mixed(engine):
     pairs = one_pass_against_forward(engine._model, engine._tokenizer)
     assert [name for name, *_ in pairs][-3:] == ["mixed_decode", "mixed_newcomer", "mixed_chunk"]
     for name, want, have, alone in pairs:
-        if alone and not name.startswith("decode"):  # a prompt alone in its pass: the same logits, bit for bit
-            assert torch.equal(want, have), name
-        else:
-            # decode steps attend with two plain products instead of sdpa's kernel (fused_forward.decode_attention),
-            # and mixed passes run the products over more rows at once: the last bits may differ, the choices do not
-            assert torch.allclose(want, have, atol=1e-3 if not alone else 1e-4), (name, (want - have).abs().max())
-            assert torch.equal(want.argmax(-1), have.argmax(-1)), name
+        # the model's own forward multiplies by q, k, v, gate and up one by one, the pass by joined and packed
+        # copies (engine/joined_projections.py), decode steps attend with two plain products instead of sdpa's
+        # kernel, and mixed passes run the products over more rows at once: the last bits differ, the choices do not
+        assert torch.allclose(want, have, atol=2e-4), (name, (want - have).abs().max())  # measured: <= 8e-5 on ~30
+        assert torch.equal(want.argmax(-1), have.argmax(-1)), name
 
 
 def test_decode_attention_matches_sdpa_with_grouped_heads_and_padding():
