@@ -1,16 +1,20 @@
-"""Decode attention in the one-pass step: torch's CPU flash kernel against two plain products, speed and answers.
+"""The one-pass step's decode attention (sdpa's CPU kernel or two plain products) and joined projections: speed, answers.
 
     .venv/bin/python bench/one_pass_attention.py
 
-In process, embedded model as the server loads it (fp32, q/k/v and gate/up
-joined, packed weights), 2 threads. For each way of attending one query position per row
-(engine/fused_forward.py `decode_attention`, or the model's own sdpa):
+In process, embedded model as the server loads it (fp32, packed weights), 2
+threads. Three ways: q/k/v and gate/up joined (engine/joined_projections.py)
+with decode attention by two plain products (engine/fused_forward.py
+`decode_attention`, the default), joined with the model's own sdpa, and the
+projections separate (`--fused-step` planning without joining) with plain
+products. For each:
 - speed: one one-pass decode step at 1, 8 and 32 rows with 180 tokens of KV
   per row (the width a 32-stream benchmark runs at), median of 15;
 - answers: greedy answers (48 tokens, cut after the first end-of-answer token)
   to bench/precision.py's 24 prompts, decoded through the one-pass step like
   the scheduler does (one prompt at a time, and 8 left-padded rows at once),
-  compared token by token with `model.generate`'s answers one at a time.
+  compared token by token with `model.generate`'s answers one at a time
+  (the model's own forward, projections separate).
 
 The report is printed and written to bench/results/one_pass_attention.json.
 """
@@ -91,15 +95,17 @@ def step_ms(model, fused: FusedForward, rows: int, repeats: int = 15) -> float:
 def main() -> None:
     torch.set_grad_enabled(False)
     model, tokenizer, _ = load_model(embedded_model_source(), EngineConfig(precision="fp32"))
+    separate, _, _ = load_model(embedded_model_source(), EngineConfig(precision="fp32", fused_step="off"))
     eos = tokenizer.eos_token_id
-    reference = [_cut(a, eos) for a in greedy_answers(model, tokenizer)]
+    reference = [_cut(a, eos) for a in greedy_answers(separate, tokenizer)]
     report = {"threads": torch.get_num_threads(), "kv_tokens_per_row": PAST, "ways": {}}
-    for name, products in (("sdpa", False), ("products", True)):
-        fused = FusedForward(model, decode_products=products)
+    for name, products, weights in (("joined, products", True, model), ("joined, sdpa", False, model),
+                                    ("separate, products", True, separate)):
+        fused = FusedForward(weights, decode_products=products)
         row = {
-            "decode_step_ms": {rows: round(step_ms(model, fused, rows), 1) for rows in (1, 8, 32)},
-            "vs_generate_alone": agreement(reference, one_pass_answers(model, tokenizer, fused, 1)),
-            "vs_generate_batched_8": agreement(reference, one_pass_answers(model, tokenizer, fused, 8)),
+            "decode_step_ms": {rows: round(step_ms(weights, fused, rows), 1) for rows in (1, 8, 32)},
+            "vs_generate_alone": agreement(reference, one_pass_answers(weights, tokenizer, fused, 1)),
+            "vs_generate_batched_8": agreement(reference, one_pass_answers(weights, tokenizer, fused, 8)),
         }
         print(name, json.dumps(row), flush=True)
         report["ways"][name] = row
