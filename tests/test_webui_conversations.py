@@ -43,6 +43,20 @@ def _questions(history, title: str) -> list[str]:
                               .order_by(t.messages.c.id)).scalars())
 
 
+def _wait_for_title(history, title: str, timeout: float = 10.0) -> None:
+    """Until a stored session has this title (the rename reached the database)."""
+    import sqlalchemy as sa
+
+    t = history.repo.t
+    deadline = time.monotonic() + timeout
+    while True:
+        with history.engine.connect() as c:
+            if c.execute(sa.select(sa.func.count()).where(t.sessions.c.title == title)).scalar_one():
+                return
+        assert time.monotonic() < deadline, f"no session was renamed to {title!r}"
+        time.sleep(0.1)
+
+
 def _session_labels(page: Page) -> list[str]:
     return [t.strip() for t in page.locator("#chat-sessions label").all_inner_texts()]
 
@@ -103,6 +117,12 @@ def test_conversations_survive_reload_and_restart_and_can_be_managed(browser, en
     expect(title).to_have_value("What is the capital of France?", timeout=10_000)  # the opened session's, filled in
     title.fill("European capitals")
     title.press("Enter")
+    _wait_for_title(history, "European capitals")
+    # the list refresh that the last answer started can land after the rename's own and show the old title
+    # for a moment; searching again lists afresh
+    search = page.locator("#chat-search input, #chat-search textarea").first
+    search.fill("")
+    search.fill("germany")
     expect(page.locator("#chat-sessions")).to_contain_text("European capitals", timeout=10_000)
     page.locator("#chat-export-md").click()
     download = page.locator("#chat-download a").first
