@@ -121,7 +121,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """One query position per row, on a CPU: [B, H, 1, D] against the cache's [B, KV, T, D] -> [B, 1, H, D].
 
     torch's flash kernel for CPU is built for long queries; with one it took
-    ~1 ms a layer at 32 rows of 180 keys, two plain products ~0.4. Each key
+    ~1 ms a layer at 32 rows of 180 keys in a whole step, two plain products
+    and a softmax ~0.68 (bench/README.md, "Round 7"). Each key
     head's query heads are one matrix, so the keys are not repeated per head.
     """
     rows, heads, _, dim = query.shape
