@@ -151,6 +151,12 @@ class EngineConfig:
         metadata={"help": "most prompt tokens read between two decode steps: newcomers' prompts that fit join "
                           "together, a longer prompt is read in chunks, so running streams never stall behind it"},
     )
+    join_mid_pass: float = field(
+        default=0.5,
+        metadata={"help": "--fused-step auto: a request arriving while a step runs may join it before this fraction "
+                          "of the layers (its prompt goes through the layers already done on its own, which the "
+                          "running streams wait for); later arrivals and 0 wait for the next step"},
+    )
     fused_step: str = field(
         default="auto",
         metadata={"help": "--backend transformers: auto = for Llama-layout models (llama, mistral, qwen2) each scheduler "

@@ -29,6 +29,8 @@ def _build_transformers(config: EngineConfig, source: ModelSource) -> Engine:
     from engine.sequences import BatchLimits
     from engine.transformers_backend import TransformersEngine
 
+    if not 0 <= config.join_mid_pass <= 1:
+        raise ModelLoadError(f"--join-mid-pass must be between 0 and 1 (got {config.join_mid_pass})")
     if config.max_prefill_tokens < 1:
         raise ModelLoadError(f"--max-prefill-tokens must be at least 1 (got {config.max_prefill_tokens})")
     model, tokenizer, _ = load_model(source, config)
@@ -42,7 +44,7 @@ def _build_transformers(config: EngineConfig, source: ModelSource) -> Engine:
         model_name=name,
         max_model_len=context_length(model, tokenizer, config.max_model_len),
         limits=BatchLimits(config.max_num_seqs, config.kv_cache_tokens or BatchLimits.kv_cache_tokens,
-                           config.max_prefill_tokens, config.max_queue),
+                           config.max_prefill_tokens, config.max_queue, config.join_mid_pass),
         prefix_cache=PrefixCache(config.prefix_cache_tokens),
         generation_defaults=model_generation_defaults(config, source),
         fused_step=config.fused_step == "auto",

@@ -9,6 +9,11 @@ group's tokens go through those as one matrix (one read of the weights) and
 attention runs per group: an 8-row decode step plus a 15-token prefill went
 from 113 to 70 ms of matrix products on two cores (bench/README.md).
 
+A request that arrives while a pass runs can join it between layers
+(`late`): its prompt is brought through the layers already done on its own,
+then it goes on with everyone else, instead of waiting for the pass to end
+and then for a whole pass of its own.
+
 Written for the Llama layout (llama, mistral without sliding windows,
 qwen2): the same modules and attention function the model's own forward
 uses; other architectures keep their own forward.
@@ -17,7 +22,7 @@ uses; other architectures keep their own forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -32,6 +37,10 @@ class Group:
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     cache: object  # a transformers Cache (GrowingCache)
+
+
+#: asked between layers with (index, layer count): groups to bring into the pass from that layer on
+LateJoin = Callable[[int, int], Sequence["Group"]]
 
 
 def fusable(model) -> bool:
@@ -64,49 +73,87 @@ class FusedForward:
         self._decode_products = decode_products
 
     @torch.inference_mode()
-    def __call__(self, groups: Sequence[Group]) -> list[torch.Tensor]:
+    def __call__(self, groups: Sequence[Group], late: Optional[LateJoin] = None) -> list[torch.Tensor]:
+        """`late(index, layers)`, asked before each layer after the first, may return more groups (newcomers'
+        prompts): they are brought through the layers before `index` on their own, then go on in this pass."""
         body = self._model.model
-        shapes = [tuple(g.input_ids.shape) for g in groups]
-        embedded = [body.embed_tokens(g.input_ids) for g in groups]
-        hidden = torch.cat([e.reshape(-1, e.shape[-1]) for e in embedded])
-        rotary = [body.rotary_emb(e, g.position_ids) for e, g in zip(embedded, groups)]
-        # made additive once per pass: sdpa would otherwise turn a boolean mask into one in every layer
-        masks = [_additive(_attention_mask(g), hidden.dtype) for g in groups]
+        groups = list(groups)
+        state = self._start(groups)
+        layers = len(body.layers)
         for index, layer in enumerate(body.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            if hasattr(attn, "qkv_proj"):  # engine/joined_projections.py
-                q, k, v = attn.qkv_proj(x).split(
-                    [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features], -1)
-            else:
-                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-            outputs, start = [], 0
-            for group, (rows, length), (cos, sin), mask in zip(groups, shapes, rotary, masks):
-                end = start + rows * length
-                qg = q[start:end].view(rows, length, -1, attn.head_dim).transpose(1, 2)
-                kg = k[start:end].view(rows, length, -1, attn.head_dim).transpose(1, 2)
-                vg = v[start:end].view(rows, length, -1, attn.head_dim).transpose(1, 2)
-                qg, kg = self._rotate(qg, kg, cos, sin)
-                kg, vg = group.cache.update(kg, vg, index)
-                if length == 1 and self._decode_products and qg.device.type == "cpu":
-                    out = decode_attention(qg, kg, vg, mask, attn.scaling)
-                else:
-                    out, _ = self._attention(attn, qg, kg, vg, mask, dropout=0.0, scaling=attn.scaling)
-                outputs.append(out.reshape(rows * length, -1))
-                start = end
-            hidden = hidden + attn.o_proj(torch.cat(outputs))
-            hidden = hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+            if late is not None and index:
+                newcomers = list(late(index, layers))
+                if newcomers:
+                    caught_up = self._start(newcomers)
+                    for before, earlier in enumerate(body.layers[:index]):
+                        self._layer(earlier, before, newcomers, caught_up)
+                    state.extend(caught_up)
+                    groups += newcomers
+            self._layer(layer, index, groups, state)
         # only each row's last position needs the vocabulary projection
         last, start = [], 0
-        for rows, length in shapes:
-            last.append(torch.arange(rows, device=hidden.device) * length + start + length - 1)
+        for rows, length in state.shapes:
+            last.append(torch.arange(rows, device=state.hidden.device) * length + start + length - 1)
             start += rows * length
-        logits = self._model.lm_head(body.norm(hidden[torch.cat(last)]))
+        logits = self._model.lm_head(body.norm(state.hidden[torch.cat(last)]))
         out, start = [], 0
-        for rows, _ in shapes:
+        for rows, _ in state.shapes:
             out.append(logits[start:start + rows])
             start += rows
         return out
+
+    def _start(self, groups: Sequence[Group]) -> "_PassState":
+        body = self._model.model
+        embedded = [body.embed_tokens(g.input_ids) for g in groups]
+        return _PassState(
+            hidden=torch.cat([e.reshape(-1, e.shape[-1]) for e in embedded]),
+            shapes=[tuple(g.input_ids.shape) for g in groups],
+            rotary=[body.rotary_emb(e, g.position_ids) for e, g in zip(embedded, groups)],
+            # made additive once per pass: sdpa would otherwise turn a boolean mask into one in every layer
+            masks=[_additive(_attention_mask(g), embedded[0].dtype) for g in groups])
+
+    def _layer(self, layer, index: int, groups: Sequence[Group], state: "_PassState") -> None:
+        attn = layer.self_attn
+        hidden = state.hidden
+        x = layer.input_layernorm(hidden)
+        if hasattr(attn, "qkv_proj"):  # engine/joined_projections.py
+            q, k, v = attn.qkv_proj(x).split(
+                [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features], -1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        outputs, start = [], 0
+        for group, (rows, length), (cos, sin), mask in zip(groups, state.shapes, state.rotary, state.masks):
+            end = start + rows * length
+            qg = q[start:end].view(rows, length, -1, attn.head_dim).transpose(1, 2)
+            kg = k[start:end].view(rows, length, -1, attn.head_dim).transpose(1, 2)
+            vg = v[start:end].view(rows, length, -1, attn.head_dim).transpose(1, 2)
+            qg, kg = self._rotate(qg, kg, cos, sin)
+            kg, vg = group.cache.update(kg, vg, index)
+            if length == 1 and self._decode_products and qg.device.type == "cpu":
+                out = decode_attention(qg, kg, vg, mask, attn.scaling)
+            else:
+                out, _ = self._attention(attn, qg, kg, vg, mask, dropout=0.0, scaling=attn.scaling)
+            outputs.append(out.reshape(rows * length, -1))
+            start = end
+        hidden = hidden + attn.o_proj(torch.cat(outputs))
+        state.hidden = hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+
+
+@dataclass
+class _PassState:
+    """What a pass carries from layer to layer: every group's tokens as one matrix, and per group its
+    shape, rotary tables and additive mask."""
+
+    hidden: torch.Tensor
+    shapes: list
+    rotary: list
+    masks: list
+
+    def extend(self, other: "_PassState") -> None:
+        self.hidden = torch.cat([self.hidden, other.hidden])
+        self.shapes += other.shapes
+        self.rotary += other.rotary
+        self.masks += other.masks
 
 
 def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:

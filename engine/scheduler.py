@@ -52,9 +52,15 @@ class Scheduler:
         # rows of similar width share a batch: left padding makes a batch's every row as wide as its widest
         self._batches: list[RunningBatch] = []
         self._chunking: Optional[ChunkedPrompt] = None  # the long prompt being prefilled, one at a time
+        # the pass in flight: newcomers it reads (not in a batch yet), the prompt tokens it spends, and
+        # whether newcomers already joined it partway
+        self._pass_joining: list[SequenceState] = []
+        self._pass_prefill = 0
+        self._pass_joined_late = False
         self._stopping = threading.Event()
         self.stats = {"requests": 0, "tokens_generated": 0, "aborted": 0, "steps": 0, "peak_batch": 0,
-                      "prefill_tokens": 0, "failed": 0}
+                      "prefill_tokens": 0, "failed": 0,
+                      "joined_mid_pass": 0}
         self._worker = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         self._worker.start()
 
@@ -112,7 +118,10 @@ class Scheduler:
     def _iteration(self) -> None:
         self._collect(block=not self._batches and not self._waiting and self._chunking is None)
         self._drop_cancelled()
-        run_parts(self._plan(), self._model, self._fused)
+        try:
+            run_parts(self._plan(), self._model, self._fused, self._late_parts)
+        finally:
+            self._pass_joining, self._pass_prefill, self._pass_joined_late = [], 0, False
         self._batches = [b for b in self._batches if b]
 
     def _plan(self) -> list[Part]:
@@ -120,12 +129,50 @@ class Scheduler:
         budget = self.limits.max_prefill_tokens
         joining = self._take_joiners(budget)
         parts = [self._decode_part(batch) for batch in self._batches]
+        cost = self._prefill_cost(joining) if joining else 0
         if self._chunking is not None:
-            cost = self._prefill_cost(joining) if joining else 0
-            parts.append(self._chunk_part(max(budget - cost, MIN_CHUNK_TOKENS)))
+            chunk = max(budget - cost, MIN_CHUNK_TOKENS)
+            parts.append(self._chunk_part(chunk))
+            cost += chunk
         if joining:
             parts.append(self._prefill_part(joining))
+        self._pass_joining, self._pass_prefill = list(joining), cost
         return parts
+
+    def _late_parts(self, index: int, layers: int) -> list[Part]:
+        """Asked between the layers of a one-pass step: newcomers that arrived while it runs join it.
+
+        A request arriving while the rows decode used to wait for the pass in
+        flight to end, then be read in the next one: ~1.5 passes. Joining
+        before layer `index` costs a pass over the first `index` layers for
+        its prompt alone, which the decoding rows wait for, so it is done
+        only before the first `join_mid_pass` of the layers, once per pass,
+        and while the pass decodes at most half of `max_num_seqs` rows. Past
+        that a pass is long and arrivals frequent: the catch-ups cost ~3% of
+        the throughput at 32 rows and did not shorten the wait there
+        (bench/README.md, "Round 8"). Other arrivals join the next pass.
+        """
+        if self._pass_joined_late or index > layers * self.limits.join_mid_pass or self._inbox.empty() or \
+                self.running > self.limits.max_num_seqs // 2:
+            return []
+        self._collect(block=False)
+        for seq in [s for s in self._waiting if s.cancelled]:
+            self._waiting.remove(seq)
+            self.stats["aborted"] += 1
+        joining = self._take_joiners(self.limits.max_prefill_tokens - self._pass_prefill, may_chunk=False)
+        if not joining:
+            return []
+        try:
+            part = self._prefill_part(joining)
+        except Exception:  # they left the queue: fail them rather than lose them; the pass goes on
+            log.exception("could not prepare %d prompts to join the pass", len(joining))
+            self._fail(joining)
+            return []
+        self._pass_joining += joining
+        self._pass_prefill += self._prefill_cost(joining)
+        self._pass_joined_late = True
+        self.stats["joined_mid_pass"] += len(joining)
+        return [part]
 
     def _decode_part(self, batch: RunningBatch) -> Part:
         try:
@@ -234,14 +281,15 @@ class Scheduler:
             seq.prefix = self.prefixes.lookup(seq.prompt_ids)
         return len(seq.prompt_ids) - seq.prefix.tokens
 
-    def _take_joiners(self, budget: int) -> list[SequenceState]:
+    def _take_joiners(self, budget: int, may_chunk: bool = True) -> list[SequenceState]:
         """Waiting requests that fit the batch, the KV budget and this iteration's prefill budget.
 
         FIFO, except that a prompt longer than the budget is moved to chunked
-        prefill (one at a time) and the short prompts behind it go ahead.
+        prefill (one at a time, and only `may_chunk`) and the short prompts behind it go ahead.
         """
         joining: list[SequenceState] = []
-        in_flight = [s for b in self._batches for s in b.rows] + ([self._chunking.seq] if self._chunking else [])
+        in_flight = [s for b in self._batches for s in b.rows] + ([self._chunking.seq] if self._chunking else []) + \
+            self._pass_joining
         rows = len(in_flight)
         longest = max((s.reserved_tokens for s in in_flight), default=0)
         widest = 0
@@ -254,7 +302,7 @@ class Scheduler:
                 break
             fresh = self._fresh_tokens(seq)
             if fresh > budget:
-                if self._chunking is None:
+                if self._chunking is None and may_chunk:
                     self._waiting.remove(seq)
                     self._start_chunked(seq)
                     rows, longest = rows + 1, new_longest

@@ -21,6 +21,8 @@ class BatchLimits:
     kv_cache_tokens: int = 131072
     max_prefill_tokens: int = 64
     max_queue: int = 256
+    #: a newcomer may join a one-pass step in flight before this fraction of its layers (engine/scheduler.py)
+    join_mid_pass: float = 0.5
 
 
 #: a long prompt advances at least this much per iteration, even when newcomers took the budget

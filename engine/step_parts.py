@@ -30,18 +30,30 @@ class Part:
     retry: Optional[Callable[[], list["Part"]]] = None  # smaller parts to run instead when its pass fails
 
 
-def run_parts(parts: Sequence[Part], model, fused: Optional[FusedForward]) -> None:
+def run_parts(parts: Sequence[Part], model, fused: Optional[FusedForward],
+              late: Optional[Callable[[int, int], list[Part]]] = None) -> None:
     """Run the parts' forward work, in one pass where possible, and hand each part its logits in order.
 
     The order matters: decode parts come first, because a finished prompt is
-    placed into a batch, which changes that batch's rows.
+    placed into a batch, which changes that batch's rows. In one pass, `late`
+    is asked between layers for parts that arrived meanwhile (newcomers'
+    prompts); they join the pass and come last.
     """
     if not parts:
         return
     if fused is not None:
+        parts = list(parts)
         filled = [[layer.get_seq_length() for layer in p.group.cache.layers] for p in parts]
+
+        def joining(index: int, layers: int) -> list[Group]:
+            added = late(index, layers)
+            for part in added:
+                filled.append([layer.get_seq_length() for layer in part.group.cache.layers])
+                parts.append(part)
+            return [part.group for part in added]
+
         try:
-            logits = fused([p.group for p in parts])
+            logits = fused([p.group for p in parts], joining if late is not None else None)
         except Exception as exc:
             log.warning("one-pass step failed (%r); running its parts one by one", exc)
             for part, before in zip(parts, filled):

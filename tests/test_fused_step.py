@@ -85,6 +85,43 @@ def test_one_pass_matches_the_models_forward_alone_and_mixed(engine):
         assert torch.equal(want.argmax(-1), have.argmax(-1)), name
 
 
+@pytest.mark.parametrize("layer", [1, 7, 15])
+def test_a_prompt_joining_a_pass_partway_gets_what_it_would_from_the_start(engine, layer):
+    model, tokenizer = engine._model, engine._tokenizer
+    fused = FusedForward(model)
+    texts = ["The capital of France is", "Write a poem about the sea and the sky, with rhymes and feeling"]
+    newcomer = prefill_inputs([tokenizer(t)["input_ids"] for t in ["Why is the sky blue?", "Name a fruit."]],
+                              tokenizer.eos_token_id, "cpu")
+    results = []
+    with torch.inference_mode():
+        for late in (False, True):
+            logits, batch = _prefill(model, tokenizer, texts, "cpu", fused)
+            step = batch.step_inputs(logits.argmax(-1).tolist())
+            decode = Group(step["input_ids"], step["attention_mask"], step["position_ids"], batch.cache)
+            new = Group(newcomer["input_ids"], newcomer["attention_mask"], newcomer["position_ids"], GrowingCache())
+            asked = []
+
+            def joining(index, layers):
+                asked.append((index, layers))
+                return [new] if index == layer else []
+
+            out = fused([decode], joining) if late else fused([decode, new])
+            results.append((out, new.cache, batch.cache))
+            if late:
+                layers = len(model.model.layers)
+                assert asked == [(i, layers) for i in range(1, layers)]  # asked before every layer but the first
+    (want, want_new, want_decode), (have, have_new, have_decode) = results
+    assert len(have) == 2
+    for w, h in zip(want, have):
+        assert torch.allclose(w, h, atol=2e-4), (w - h).abs().max()
+        assert torch.equal(w.argmax(-1), h.argmax(-1))
+    for want_cache, have_cache in ((want_new, have_new), (want_decode, have_decode)):
+        assert len(want_cache.layers) == len(have_cache.layers) == len(model.model.layers)
+        for a, b in zip(want_cache.layers, have_cache.layers):
+            assert a.get_seq_length() == b.get_seq_length()
+            assert torch.allclose(a.keys[..., :a.get_seq_length(), :], b.keys[..., :b.get_seq_length(), :], atol=1e-4)
+
+
 def test_decode_attention_matches_sdpa_with_grouped_heads_and_padding():
     torch.manual_seed(0)
     rows, heads, kv_heads, keys, dim = 5, 9, 3, 37, 64
@@ -126,3 +163,47 @@ def test_the_embedded_model_runs_one_pass_steps_and_answers_alike_when_requests_
     together = asyncio.run(overlapping())
     assert "Paris" in by_itself[0]
     assert sum(a == b for a, b in zip(by_itself, together)) >= 3, (by_itself, together)
+
+
+def test_requests_arriving_during_a_pass_join_it_and_answer_as_they_do_alone(engine):
+    questions = ["What is the capital of France?", "Name three primary colors.", "What is 2 plus 2?",
+                 "Which planet is known as the red planet?", "Name a fruit.", "What colour is the sky?",
+                 "Who wrote Hamlet?", "What is the boiling point of water?", "Name a large animal.",
+                 "What is the opposite of hot?", "How many days are in a week?", "Name a musical instrument."]
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+
+    async def ask(question: str, delay: float, params: SamplingParams = greedy) -> str:
+        await asyncio.sleep(delay)
+        text = ""
+        async for chunk in engine.generate([ChatMessage("user", question)], params, f"late-{delay}-{question}"):
+            text += chunk.delta
+        return text
+
+    async def alone() -> list[str]:
+        return [await ask(q, 0) for q in questions]
+
+    async def arriving_while_one_decodes() -> list[str]:
+        long = asyncio.ensure_future(ask("Write a long story about a dragon.", 0, SamplingParams(max_new_tokens=400,
+                                                                                                   temperature=0)))
+        # arrival times unrelated to the pass length: about half land in a pass's first half, where they join it
+        answers = await asyncio.gather(*(ask(q, 0.3 + 0.23 * i) for i, q in enumerate(questions)))
+        long.cancel()
+        return answers
+
+    by_itself = asyncio.run(alone())
+    before = engine.health()["joined_mid_pass"]
+    together = asyncio.run(arriving_while_one_decodes())
+    assert engine.health()["joined_mid_pass"] > before
+    assert sum(a == b for a, b in zip(by_itself, together)) >= len(questions) - 2, (by_itself, together)
+
+
+@pytest.mark.parametrize("depth", [-0.1, 1.5, float("nan")])
+def test_a_join_depth_outside_0_to_1_is_refused_before_the_model_loads(depth):
+    from engine.config import EngineConfig
+    from engine.factory import _build_transformers
+    from engine.loader import ModelSource
+    from engine.types import ModelLoadError
+
+    # a source that cannot load: the setting must be refused first
+    with pytest.raises(ModelLoadError, match="--join-mid-pass must be between 0 and 1"):
+        _build_transformers(EngineConfig(join_mid_pass=depth), ModelSource("/nonexistent", None, "nothing"))
