@@ -64,10 +64,9 @@ class FusedForward:
 
     def __init__(self, model, decode_products: bool = True) -> None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+        from transformers.models.llama.modeling_llama import eager_attention_forward
 
         self._model = model
-        self._rotate = apply_rotary_pos_emb
         self._attention = ALL_ATTENTION_FUNCTIONS.get_interface(model.config._attn_implementation, eager_attention_forward)
         # one-position groups on a CPU attend with two plain products (decode_attention); False: the model's own
         self._decode_products = decode_products
@@ -105,10 +104,13 @@ class FusedForward:
     def _start(self, groups: Sequence[Group]) -> "_PassState":
         body = self._model.model
         embedded = [body.embed_tokens(g.input_ids) for g in groups]
+        rotary = [body.rotary_emb(e, g.position_ids) for e, g in zip(embedded, groups)]
         return _PassState(
             hidden=torch.cat([e.reshape(-1, e.shape[-1]) for e in embedded]),
             shapes=[tuple(g.input_ids.shape) for g in groups],
-            rotary=[body.rotary_emb(e, g.position_ids) for e, g in zip(embedded, groups)],
+            # per token [N, 1, head_dim]: every group's positions are rotated in one go
+            cos=torch.cat([c.reshape(-1, c.shape[-1]) for c, _ in rotary]).unsqueeze(1),
+            sin=torch.cat([s.reshape(-1, s.shape[-1]) for _, s in rotary]).unsqueeze(1),
             # made additive once per pass: sdpa would otherwise turn a boolean mask into one in every layer
             masks=[_additive(_attention_mask(g), embedded[0].dtype) for g in groups])
 
@@ -116,18 +118,23 @@ class FusedForward:
         attn = layer.self_attn
         hidden = state.hidden
         x = layer.input_layernorm(hidden)
-        if hasattr(attn, "qkv_proj"):  # engine/joined_projections.py
-            q, k, v = attn.qkv_proj(x).split(
-                [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features], -1)
+        tokens, dim = x.shape[0], attn.head_dim
+        if hasattr(attn, "qkv_proj"):  # engine/joined_projections.py: q and k rotate as one tensor
+            qkv = attn.qkv_proj(x)
+            width = attn.q_proj.out_features + attn.k_proj.out_features
+            qk = _rotated(qkv[:, :width].view(tokens, -1, dim), state.cos, state.sin)
+            q, k = qk.split([attn.q_proj.out_features // dim, attn.k_proj.out_features // dim], 1)
+            v = qkv[:, width:].view(tokens, -1, dim)
         else:
-            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q = _rotated(attn.q_proj(x).view(tokens, -1, dim), state.cos, state.sin)
+            k = _rotated(attn.k_proj(x).view(tokens, -1, dim), state.cos, state.sin)
+            v = attn.v_proj(x).view(tokens, -1, dim)
         outputs, start = [], 0
-        for group, (rows, length), (cos, sin), mask in zip(groups, state.shapes, state.rotary, state.masks):
+        for group, (rows, length), mask in zip(groups, state.shapes, state.masks):
             end = start + rows * length
-            qg = q[start:end].view(rows, length, -1, attn.head_dim).transpose(1, 2)
-            kg = k[start:end].view(rows, length, -1, attn.head_dim).transpose(1, 2)
-            vg = v[start:end].view(rows, length, -1, attn.head_dim).transpose(1, 2)
-            qg, kg = self._rotate(qg, kg, cos, sin)
+            qg = q[start:end].view(rows, length, -1, dim).transpose(1, 2)
+            kg = k[start:end].view(rows, length, -1, dim).transpose(1, 2)
+            vg = v[start:end].view(rows, length, -1, dim).transpose(1, 2)
             kg, vg = group.cache.update(kg, vg, index)
             if length == 1 and self._decode_products and qg.device.type == "cpu":
                 out = decode_attention(qg, kg, vg, mask, attn.scaling)
@@ -141,19 +148,28 @@ class FusedForward:
 
 @dataclass
 class _PassState:
-    """What a pass carries from layer to layer: every group's tokens as one matrix, and per group its
-    shape, rotary tables and additive mask."""
+    """What a pass carries from layer to layer: every group's tokens as one matrix with their rotary
+    tables, and per group its shape and additive mask."""
 
     hidden: torch.Tensor
     shapes: list
-    rotary: list
+    cos: torch.Tensor
+    sin: torch.Tensor
     masks: list
 
     def extend(self, other: "_PassState") -> None:
         self.hidden = torch.cat([self.hidden, other.hidden])
+        self.cos = torch.cat([self.cos, other.cos])
+        self.sin = torch.cat([self.sin, other.sin])
         self.shapes += other.shapes
-        self.rotary += other.rotary
         self.masks += other.masks
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of [tokens, heads, dim] by per-token cos/sin [tokens, 1, dim]: the
+    arithmetic of transformers' Llama `apply_rotary_pos_emb`, element for element."""
+    half = x.shape[-1] // 2
+    return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
 
 
 def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
