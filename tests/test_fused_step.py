@@ -139,18 +139,23 @@ def test_decode_attention_matches_sdpa_with_grouped_heads_and_padding():
     assert torch.allclose(have[3, 0], value[3, :, -1].repeat_interleave(3, 0), atol=1e-6)  # all weight on one key
 
 
+async def _answer(engine, question: str, params: SamplingParams, delay: float) -> str:
+    """The whole answer to one question, asked after `delay` seconds."""
+    await asyncio.sleep(delay)
+    text = ""
+    async for chunk in engine.generate([ChatMessage("user", question)], params, f"ask-{delay}-{question}"):
+        text += chunk.delta
+    return text
+
+
 def test_the_embedded_model_runs_one_pass_steps_and_answers_alike_when_requests_overlap(engine):
     assert engine.health()["one_pass_steps"] is True
     questions = ["What is the capital of France?", "Name three primary colors.", "What is 2 plus 2?",
                  "Which planet is known as the red planet?"]
     greedy = SamplingParams(max_new_tokens=24, temperature=0)
 
-    async def ask(question: str, delay: float) -> str:
-        await asyncio.sleep(delay)
-        text = ""
-        async for chunk in engine.generate([ChatMessage("user", question)], greedy, f"overlap-{delay}-{question}"):
-            text += chunk.delta
-        return text
+    def ask(question: str, delay: float):
+        return _answer(engine, question, greedy, delay)
 
     async def alone() -> list[str]:
         return [await ask(q, 0) for q in questions]
@@ -172,12 +177,8 @@ def test_requests_arriving_during_a_pass_join_it_and_answer_as_they_do_alone(eng
                  "What is the opposite of hot?", "How many days are in a week?", "Name a musical instrument."]
     greedy = SamplingParams(max_new_tokens=12, temperature=0)
 
-    async def ask(question: str, delay: float, params: SamplingParams = greedy) -> str:
-        await asyncio.sleep(delay)
-        text = ""
-        async for chunk in engine.generate([ChatMessage("user", question)], params, f"late-{delay}-{question}"):
-            text += chunk.delta
-        return text
+    def ask(question: str, delay: float, params: SamplingParams = greedy):
+        return _answer(engine, question, params, delay)
 
     async def alone() -> list[str]:
         return [await ask(q, 0) for q in questions]
