@@ -7,8 +7,9 @@ longer prompt is prefilled a chunk per iteration (chunked prefill). Every
 running sequence advances one token per iteration (iteration-level
 "continuous" batching); rows are grouped into batches of similar width, so
 one long prompt does not pad every short row to its length. The iteration's
-parts run as one forward pass where the model allows it (engine/step_parts.py).
-So a newcomer waits for at most one iteration, and a long prompt never
+parts run as one forward pass where the model allows it (engine/step_parts.py),
+and a newcomer that arrives during the first part of that pass joins it
+(`_late_parts`). So a newcomer waits for at most one iteration, and a long prompt never
 stalls the running streams for more than a chunk. Finished and cancelled
 sequences leave their batch at the next step.
 """
@@ -27,10 +28,10 @@ from engine.batch import RunningBatch, cache_of, prefill_inputs, row_kv
 from engine.fused_forward import FusedForward, Group
 from engine.kv_cache import GrowingCache
 from engine.prefix_cache import PrefixCache, PrefixMatch
-from engine.sampling import sample_batch
 from engine.sequences import MAX_BATCHES, MIN_CHUNK_TOKENS, WIDTH_SLACK, BatchLimits, ChunkedPrompt, SequenceState
 from engine.step_parts import Part, run_parts
-from engine.types import EngineError, GenerationChunk, Usage
+from engine.tokens_out import accept, emit, sample_rows
+from engine.types import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ class Scheduler:
         pick = None if len(live) == len(batch.slots) else torch.tensor(live, device=self._device)
 
         def done(logits: torch.Tensor) -> None:
-            self._finish_step(batch, self._sample(logits if pick is None else logits.index_select(0, pick), rows))
+            self._finish_step(batch, sample_rows(logits if pick is None else logits.index_select(0, pick), rows))
 
         def failed(exc: Exception) -> None:
             # a forward pass cannot be split by row: fail the batch, keep serving
@@ -336,7 +337,7 @@ class Scheduler:
             seq.prefix = None  # the cached tensors are not needed any more
             if seq.params.repetition_penalty != 1.0:
                 seq.seen_ids = torch.tensor(seq.prompt_ids, device=self._device)
-        tokens = self._sample(logits, joining)
+        tokens = sample_rows(logits, joining)
         fresh = RunningBatch()
         fresh.add(joining, cache, mask)
         self._finish_step(fresh, tokens)
@@ -368,15 +369,6 @@ class Scheduler:
 
     # ---- tokens out ------------------------------------------------------------------------
 
-    def _sample(self, logits: torch.Tensor, rows: Sequence[SequenceState]) -> list[Union[int, Exception]]:
-        for seq in rows:
-            if seq.params.counts_output and seq.output_counts is None:
-                seq.output_counts = torch.zeros(logits.shape[-1], device=logits.device)
-        return sample_batch(
-            logits, [s.params for s in rows], [s.generator for s in rows],
-            [s.seen_ids for s in rows], [s.output_counts for s in rows],
-        )
-
     def _finish_step(self, batch: RunningBatch, tokens: Sequence[Union[int, Exception]]) -> None:
         """Hand each row of `batch` its token; drop the rows that ended or failed."""
         live = batch.live()
@@ -388,7 +380,8 @@ class Scheduler:
             try:
                 if isinstance(token, Exception):
                     raise token
-                last = self._accept(seq, token)
+                self.stats["tokens_generated"] += 1
+                last = accept(seq, token, self._eos)
             except Exception as exc:  # this request alone: its neighbours in the batch go on
                 log.warning("request %s failed: %r", seq.request_id, exc)
                 failed.append(i)
@@ -406,39 +399,10 @@ class Scheduler:
         # running count right after its answer no longer finds itself in it
         self._fail([gone[i] for i in failed])
         for i, last in ended:
-            self._emit(gone[i], last)
-
-    def _accept(self, seq: SequenceState, token: int) -> Optional[GenerationChunk]:
-        """Record one generated token; returns the final chunk, not yet sent, when the sequence is finished."""
-        seq.output_ids.append(token)
-        self.stats["tokens_generated"] += 1
-        if seq.output_counts is not None:
-            seq.output_counts[token] += 1
-        if seq.seen_ids is not None:
-            seq.seen_ids = torch.cat([seq.seen_ids, torch.tensor([token], device=seq.seen_ids.device)])
-        usage = Usage(prompt_tokens=len(seq.prompt_ids), completion_tokens=seq.generated)
-        if token in self._eos and not seq.params.ignore_eos:
-            return GenerationChunk(delta=seq.detokenizer.flush(), finish_reason="stop", usage=usage)
-        delta = seq.detokenizer.push(token)
-        if seq.detokenizer.stopped:
-            return GenerationChunk(delta=delta, finish_reason="stop", usage=usage)
-        if seq.generated >= seq.max_new_tokens:
-            return GenerationChunk(delta=delta + seq.detokenizer.flush(), finish_reason="length", usage=usage)
-        if delta:
-            self._emit(seq, GenerationChunk(delta=delta, usage=usage))
-        return None
+            emit(gone[i], last)
 
     def _fail(self, rows: Sequence[SequenceState]) -> None:
         for seq in rows:
             self.stats["failed"] += 1
             # the details are in the log; the client gets a sentence without internals
-            self._emit(seq, EngineError("generation failed for this request; other requests are not affected"))
-
-    def _emit(self, seq: SequenceState, item) -> None:
-        if isinstance(item, GenerationChunk) and item.finish_reason is not None:
-            item.queue_s = seq.queue_s
-        try:
-            seq.loop.call_soon_threadsafe(seq.outbox.put_nowait, item)
-        except RuntimeError:
-            # the caller's event loop is gone: nobody is listening any more
-            seq.cancelled = True
+            emit(seq, EngineError("generation failed for this request; other requests are not affected"))
