@@ -153,9 +153,15 @@ def test_concurrent_requests_share_decode_steps(server):
 
 
 def test_mixed_sampling_settings_in_one_batch(server):
-    """Greedy, seeded and stop-limited requests batched together each keep their own settings."""
+    """Greedy, seeded and stop-limited requests batched together each keep their own settings.
+
+    The seeded request draws from the 50 likeliest tokens: with top_k 0 at this temperature a draw can
+    land in the far tail, where the last-bit differences between one batch and another (products over
+    different row counts) change which token is picked; that happened in 1 of 12 tries and once in CI
+    (README, `seed`).
+    """
     greedy = {"prompt": "What is the capital of France?", "do_sample": False, "max_new_tokens": 20}
-    seeded = {"prompt": "Invent a word.", "temperature": 1.2, "top_k": 0, "top_p": 1.0, "seed": 99, "max_new_tokens": 16}
+    seeded = {"prompt": "Invent a word.", "temperature": 1.2, "top_k": 50, "top_p": 1.0, "seed": 99, "max_new_tokens": 16}
     short = {"prompt": "Write a long story.", "max_new_tokens": 3}
     solo_greedy = requests.post(server.url, json=greedy, timeout=120).json()["response"]
     solo_seeded = requests.post(server.url, json=seeded, timeout=120).json()["response"]
