@@ -157,9 +157,7 @@ class Scheduler:
                 self.running > self.limits.max_num_seqs // 2:
             return []
         self._collect(block=False)
-        for seq in [s for s in self._waiting if s.cancelled]:
-            self._waiting.remove(seq)
-            self.stats["aborted"] += 1
+        self._drop_cancelled_waiting()
         joining = self._take_joiners(self.limits.max_prefill_tokens - self._pass_prefill, may_chunk=False)
         if not joining:
             return []
@@ -259,10 +257,15 @@ class Scheduler:
             except queue.Empty:
                 return
 
-    def _drop_cancelled(self) -> None:
+    def _drop_cancelled_waiting(self) -> None:
         for seq in [s for s in self._waiting if s.cancelled]:
             self._waiting.remove(seq)
             self.stats["aborted"] += 1
+
+    def _drop_cancelled(self) -> None:
+        """Cancelled requests leave the queue, the chunked prompt and their batches (between passes only:
+        a pass in flight uses the batches' rows; `_late_parts` drops from the queue alone)."""
+        self._drop_cancelled_waiting()
         if self._chunking is not None and self._chunking.seq.cancelled:
             log.info("request %s aborted while its prompt was read", self._chunking.seq.request_id)
             self._chunking = None
