@@ -26,6 +26,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from engine.layer_ops import LayerOps, layer_ops
+
 SUPPORTED = {"llama", "mistral", "qwen2"}
 
 
@@ -68,6 +70,7 @@ class FusedForward:
 
         self._model = model
         self._attention = ALL_ATTENTION_FUNCTIONS.get_interface(model.config._attn_implementation, eager_attention_forward)
+        self._ops = [layer_ops(layer) for layer in model.model.layers]
         # one-position groups on a CPU attend with two plain products (decode_attention); False: the model's own
         self._decode_products = decode_products
 
@@ -105,45 +108,55 @@ class FusedForward:
         body = self._model.model
         embedded = [body.embed_tokens(g.input_ids) for g in groups]
         rotary = [body.rotary_emb(e, g.position_ids) for e, g in zip(embedded, groups)]
+        sin = torch.cat([s.reshape(-1, s.shape[-1]) for _, s in rotary]).unsqueeze(1)
+        half = sin.shape[-1] // 2
         return _PassState(
             hidden=torch.cat([e.reshape(-1, e.shape[-1]) for e in embedded]),
             shapes=[tuple(g.input_ids.shape) for g in groups],
             # per token [N, 1, head_dim]: every group's positions are rotated in one go
             cos=torch.cat([c.reshape(-1, c.shape[-1]) for c, _ in rotary]).unsqueeze(1),
-            sin=torch.cat([s.reshape(-1, s.shape[-1]) for _, s in rotary]).unsqueeze(1),
+            sin_signed=torch.cat((-sin[..., :half], sin[..., half:]), -1),
             # made additive once per pass: sdpa would otherwise turn a boolean mask into one in every layer
             masks=[_additive(_attention_mask(g), embedded[0].dtype) for g in groups])
 
     def _layer(self, layer, index: int, groups: Sequence[Group], state: "_PassState") -> None:
-        attn = layer.self_attn
+        ops: LayerOps = self._ops[index]
         hidden = state.hidden
-        x = layer.input_layernorm(hidden)
-        tokens, dim = x.shape[0], attn.head_dim
-        if hasattr(attn, "qkv_proj"):  # engine/joined_projections.py: q and k rotate as one tensor
-            qkv = attn.qkv_proj(x)
-            width = attn.q_proj.out_features + attn.k_proj.out_features
-            qk = _rotated(qkv[:, :width].view(tokens, -1, dim), state.cos, state.sin)
-            q, k = qk.split([attn.q_proj.out_features // dim, attn.k_proj.out_features // dim], 1)
+        x = ops.norm_in(hidden)
+        tokens, dim = x.shape[0], ops.head_dim
+        if ops.qkv is not None:  # engine/joined_projections.py: q and k rotate as one tensor
+            qkv = ops.qkv(x)
+            width = (ops.q_heads + ops.kv_heads) * dim
+            qk = _rotated(qkv[:, :width].view(tokens, -1, dim), state.cos, state.sin_signed)
+            q, k = qk.split([ops.q_heads, ops.kv_heads], 1)
             v = qkv[:, width:].view(tokens, -1, dim)
         else:
-            q = _rotated(attn.q_proj(x).view(tokens, -1, dim), state.cos, state.sin)
-            k = _rotated(attn.k_proj(x).view(tokens, -1, dim), state.cos, state.sin)
-            v = attn.v_proj(x).view(tokens, -1, dim)
+            q = _rotated(ops.q(x).view(tokens, -1, dim), state.cos, state.sin_signed)
+            k = _rotated(ops.k(x).view(tokens, -1, dim), state.cos, state.sin_signed)
+            v = ops.v(x).view(tokens, -1, dim)
         outputs, start = [], 0
         for group, (rows, length), mask in zip(groups, state.shapes, state.masks):
             end = start + rows * length
-            qg = q[start:end].view(rows, length, -1, dim).transpose(1, 2)
-            kg = k[start:end].view(rows, length, -1, dim).transpose(1, 2)
-            vg = v[start:end].view(rows, length, -1, dim).transpose(1, 2)
-            kg, vg = group.cache.update(kg, vg, index)
-            if length == 1 and self._decode_products and qg.device.type == "cpu":
-                out = decode_attention(qg, kg, vg, mask, attn.scaling)
+            if length == 1 and self._decode_products and q.device.type == "cpu":
+                # [rows, heads, dim] is already [rows, heads, 1, dim] in memory
+                kg, vg = group.cache.update(k[start:end].unsqueeze(2), v[start:end].unsqueeze(2), index)
+                out = decode_attention(q[start:end].unsqueeze(2), kg, vg, mask, ops.scaling)
             else:
-                out, _ = self._attention(attn, qg, kg, vg, mask, dropout=0.0, scaling=attn.scaling)
+                qg = q[start:end].view(rows, length, -1, dim).transpose(1, 2)
+                kg = k[start:end].view(rows, length, -1, dim).transpose(1, 2)
+                vg = v[start:end].view(rows, length, -1, dim).transpose(1, 2)
+                kg, vg = group.cache.update(kg, vg, index)
+                out, _ = self._attention(layer.self_attn, qg, kg, vg, mask, dropout=0.0, scaling=ops.scaling)
             outputs.append(out.reshape(rows * length, -1))
             start = end
-        hidden = hidden + attn.o_proj(torch.cat(outputs))
-        state.hidden = hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+        # the products' outputs are fresh tensors, so the residual adds can land in them
+        hidden = ops.o(outputs[0] if len(outputs) == 1 else torch.cat(outputs)).add_(hidden)
+        x = ops.norm_post(hidden)
+        if ops.gate_up is not None:
+            gate, up = ops.gate_up(x).chunk(2, -1)
+            state.hidden = ops.down(ops.act(gate).mul_(up)).add_(hidden)
+        else:
+            state.hidden = ops.mlp(x).add_(hidden)
 
 
 @dataclass
@@ -154,29 +167,26 @@ class _PassState:
     hidden: torch.Tensor
     shapes: list
     cos: torch.Tensor
-    sin: torch.Tensor
+    sin_signed: torch.Tensor  # sin with its first half negated: see _rotated
     masks: list
 
     def extend(self, other: "_PassState") -> None:
         self.hidden = torch.cat([self.hidden, other.hidden])
         self.cos = torch.cat([self.cos, other.cos])
-        self.sin = torch.cat([self.sin, other.sin])
+        self.sin_signed = torch.cat([self.sin_signed, other.sin_signed])
         self.shapes += other.shapes
         self.masks += other.masks
 
 
-def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of [tokens, heads, dim] by per-token cos/sin [tokens, 1, dim]: the
-    arithmetic of transformers' Llama `apply_rotary_pos_emb`, element for element."""
-    half = x.shape[-1] // 2
-    return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of [tokens, heads, dim] by per-token cos/sin [tokens, 1, dim].
 
-
-def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
-    if not hasattr(mlp, "gate_up_proj"):
-        return mlp(x)
-    gate, up = mlp.gate_up_proj(x).chunk(2, -1)
-    return mlp.down_proj(mlp.act_fn(gate) * up)
+    transformers' Llama `apply_rotary_pos_emb` computes x*cos + cat(-x2, x1)*sin
+    in seven operations. cat(x2, x1) is `roll`, and moving the minus onto sin
+    (`sin_signed`, made once per pass) gives the same products, since IEEE
+    multiplication is symmetric in sign: four operations, bit-identical.
+    """
+    return (x * cos).add_(x.roll(x.shape[-1] // 2, -1).mul_(sin_signed))
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,

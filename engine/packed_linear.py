@@ -84,6 +84,14 @@ class PackedLinear(torch.nn.Module):
         out = self._product(x.reshape(rows, self.in_features), rows)
         return out.view(*x.shape[:-1], self.out_features)
 
+    def product_2d(self, x: torch.Tensor) -> torch.Tensor:
+        """forward for an fp32 [rows, in] matrix under inference mode, without the checks (engine/layer_ops.py)."""
+        rows = x.shape[0]
+        bucket = bisect_left(BUCKET_TOPS, rows)
+        if rows and bucket < len(BUCKET_TOPS) and self.plan.packed[bucket]:
+            return self._product(x, rows)
+        return F.linear(x, self.weight, self.bias)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed {self.plan.describe()}"
 
