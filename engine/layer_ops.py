@@ -65,8 +65,11 @@ def product(module: torch.nn.Module) -> Op:
 
 
 def norm(module: torch.nn.Module) -> Op:
-    if type(module).__name__ in RMS_NORMS and getattr(module, "weight", None) is not None and \
-            module.weight.dtype == torch.float32 and isinstance(getattr(module, "variance_epsilon", None), float):
+    """`F.rms_norm` where it was checked to give the module's numbers bit for bit: fp32 on a CPU
+    (tests/test_layer_ops.py); elsewhere (a GPU's fused kernel) the module itself."""
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ in RMS_NORMS and isinstance(weight, torch.Tensor) and weight.dtype == torch.float32 and \
+            weight.device.type == "cpu" and isinstance(getattr(module, "variance_epsilon", None), float):
         weight, eps, shape = module.weight, module.variance_epsilon, (module.weight.shape[0],)
         return lambda x: F.rms_norm(x, shape, weight, eps)
     return module
