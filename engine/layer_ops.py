@@ -8,8 +8,8 @@ Here each layer's products become plain functions of a [tokens, features]
 matrix and its RMSNorms one `F.rms_norm` call, with the same arithmetic.
 Together with the four-operation rotation and in-place residual adds
 (engine/fused_forward.py) the step's logits are bit-identical and the step
-on two AVX2 cores went from 108.7 to 101.8 ms at 32 rows, 56.5 to 49.7 at 8
-and 40.2 to 35.0 at 1 (bench/README.md, "Round 9").
+on two AVX2 cores went from 108.7 to 101.8 ms at 32 rows, 56.8 to 49.9 at 8
+and 40.7 to 35.0 at 1 (medians of three alternations, bench/README.md, "Round 9").
 """
 
 from __future__ import annotations
