@@ -10,21 +10,12 @@ from engine.fused_forward import FusedForward, Group
 from engine.joined_projections import WeightView, join_projections
 from engine.kv_cache import GrowingCache
 from engine.packed_linear import PackedLinear, pack_linears
-
-
-def _tiny(kind: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 vocab_size=300, max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**shape)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**shape))
-    return model.eval()
+from tests.tiny_models import tiny_model
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2's q/k/v have biases
 def test_joined_products_give_the_separate_products_numbers(kind):
-    model = _tiny(kind)
+    model = tiny_model(kind)
     x = torch.randn(7, 64)
     attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
     with torch.inference_mode():
@@ -48,7 +39,7 @@ def test_joined_products_give_the_separate_products_numbers(kind):
 
 
 def test_the_separate_layers_are_views_of_the_joined_weight_and_only_it_is_packed():
-    model = _tiny("llama")
+    model = tiny_model("llama")
     join_projections(model)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     joined = attn.qkv_proj.weight
@@ -62,7 +53,7 @@ def test_the_separate_layers_are_views_of_the_joined_weight_and_only_it_is_packe
 
 
 def test_unlike_layers_are_not_joined():
-    model = _tiny("llama")
+    model = tiny_model("llama")
     attn = model.model.layers[0].self_attn
     attn.k_proj = torch.nn.Linear(64, 32, bias=True)  # q and v have none
     assert join_projections(model) == 3
@@ -71,7 +62,7 @@ def test_unlike_layers_are_not_joined():
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_the_one_pass_step_on_joined_projections_matches_it_on_separate_ones(kind):
-    separate, joined = _tiny(kind), _tiny(kind)
+    separate, joined = tiny_model(kind), tiny_model(kind)
     join_projections(joined)
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
     results = []

@@ -12,22 +12,13 @@ from engine.joined_projections import join_projections
 from engine.kv_cache import GrowingCache
 from engine.layer_ops import layer_ops
 from engine.packed_linear import PackedLinear, pack_linears
-
-
-def _tiny(kind: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 vocab_size=300, max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**shape)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**shape))
-    return model.eval()
+from tests.tiny_models import tiny_model
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("packed", [False, True])
 def test_each_operation_equals_its_module_exactly(kind, packed):
-    model = _tiny(kind)
+    model = tiny_model(kind)
     join_projections(model)
     if packed:
         assert pack_linears(model) > 0
@@ -51,7 +42,7 @@ def test_each_operation_equals_its_module_exactly(kind, packed):
 
 
 def test_rotation_equals_transformers_rotary_embedding_exactly():
-    model = _tiny("llama")
+    model = tiny_model("llama")
     tokens, heads, dim = 11, 6, 16
     x = torch.randn(tokens, heads, dim) * 4
     positions = torch.arange(tokens).unsqueeze(0) * 7
@@ -64,7 +55,7 @@ def test_rotation_equals_transformers_rotary_embedding_exactly():
 
 
 def test_a_module_the_step_does_not_know_is_called_as_it_is():
-    model = _tiny("llama")
+    model = tiny_model("llama")
     join_projections(model)
     layer = model.model.layers[0]
 
