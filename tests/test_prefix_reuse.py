@@ -107,3 +107,22 @@ def test_health_reports_the_prefix_cache(server):
     requests.post(server.url, json={"prompt": "Hello there.", "max_new_tokens": 4}, timeout=60)
     stats = requests.get(server.url + "/health", timeout=10).json()["engine"]["prefix_cache"]
     assert stats["max_tokens"] == 4096 and stats["entries"] >= 1 and stats["hit_tokens"] > 0
+
+
+def test_a_seeded_request_reads_its_whole_prompt_and_repeats_its_text(engine):
+    """A prompt read partly from the cache changes the logits' last bits, which can change a seeded draw from a
+    wide distribution: a seeded request never reuses a cached start, so its text repeats."""
+    messages = [ChatMessage("user", "Tell me a random word, then a story about it.")]
+    params = SamplingParams(temperature=1.2, top_k=0, top_p=1.0, seed=4321, max_new_tokens=24)
+
+    async def run(request_id):
+        text = ""
+        async for chunk in engine.generate(messages, params, request_id):
+            text += chunk.delta
+        return text
+
+    first = asyncio.run(run("seeded-1"))
+    before = engine.health()["prefill_tokens"]
+    second = asyncio.run(run("seeded-2"))
+    assert engine.health()["prefill_tokens"] - before == engine.count_prompt_tokens(messages)  # none from the cache
+    assert second == first
