@@ -77,8 +77,7 @@ class PackedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features if self.in_features else 0
-        bucket = bisect_left(BUCKET_TOPS, rows)
-        if rows < 1 or bucket == len(BUCKET_TOPS) or not self.plan.packed[bucket] or x.dtype != torch.float32 or \
+        if not self._packed_at(rows) or x.dtype != torch.float32 or \
                 (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return F.linear(x, self.weight, self.bias)
         out = self._product(x.reshape(rows, self.in_features), rows)
@@ -87,10 +86,12 @@ class PackedLinear(torch.nn.Module):
     def product_2d(self, x: torch.Tensor) -> torch.Tensor:
         """forward for an fp32 [rows, in] matrix under inference mode, without the checks (engine/layer_ops.py)."""
         rows = x.shape[0]
+        return self._product(x, rows) if self._packed_at(rows) else F.linear(x, self.weight, self.bias)
+
+    def _packed_at(self, rows: int) -> bool:
+        """Whether the plan runs this many rows on the packed product (none past the last bucket)."""
         bucket = bisect_left(BUCKET_TOPS, rows)
-        if rows and bucket < len(BUCKET_TOPS) and self.plan.packed[bucket]:
-            return self._product(x, rows)
-        return F.linear(x, self.weight, self.bias)
+        return rows >= 1 and bucket < len(BUCKET_TOPS) and self.plan.packed[bucket]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed {self.plan.describe()}"
